@@ -1,0 +1,32 @@
+"""Options shared by several commands (flags mirror the library's keyword arguments)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--num-classes, --cifar, --input-size: how to build a zoo MODEL."""
+    func = click.option("--input-size", type=click.IntRange(8, 4096), default=None, help="Input height/width (default: the model's).")(func)
+    func = click.option("--cifar", is_flag=True, default=None, help="Zoo models: the 32x32 CIFAR variant.")(func)
+    func = click.option("--num-classes", type=click.IntRange(1), default=None, help="Zoo models: classifier width (default 1000).")(func)
+    return func
+
+
+def load(model: str, num_classes: int | None, cifar: bool | None, input_size: int | None):
+    from deploykit.loading import check_input, load_model
+
+    loaded = load_model(model, num_classes=num_classes, cifar=cifar, input_size=input_size)
+    check_input(loaded)
+    return loaded
+
+
+def write_json(path: Path, data: Any, *, force: bool) -> None:
+    from deploykit.files import atomic_file
+
+    with atomic_file(Path(path), force=force) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
