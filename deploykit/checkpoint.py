@@ -7,6 +7,7 @@ whose structure is deterministic, so the fused graph is rebuilt and then filled)
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
             raise DeployError(f"checkpoint {path} is corrupt or not safetensors: {err}") from err
         return state, json.loads(meta) if meta else None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; we judge ourselves
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         text = str(err)
         if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:

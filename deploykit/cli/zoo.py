@@ -30,7 +30,9 @@ def models(info_name: str | None, input_size: int | None, cifar: bool, num_class
 
     console = Console()
     if info_name is None:
-        table = Table("model", "family", "paper params", "paper MACs", "paper")
+        table = Table("family", "paper params", "paper MACs", "paper")
+        table.add_column("model", no_wrap=True)
+        table.columns.insert(0, table.columns.pop())
         for name in list_models(pattern):
             e = get_entry(name)
             table.add_row(
@@ -38,7 +40,7 @@ def models(info_name: str | None, input_size: int | None, cifar: bool, num_class
                 e.family,
                 f"{e.paper_params / 1e6:.2f}M" if e.paper_params else "",
                 f"{e.paper_macs / 1e9:.2f}G" if e.paper_macs else "",
-                e.paper,
+                e.paper.split(",")[0],
             )
         console.print(table)
         return

@@ -1,0 +1,67 @@
+"""Generic tests over the whole zoo: fuse equivalence, ONNX export, paper figures.
+
+A model registered in deploykit.models is covered here the moment it is registered.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deploykit.fuse import _randomize_bn, reparameterize
+from deploykit.models import create_model, get_entry, list_models
+
+ZOO = list_models()
+
+
+@pytest.fixture(scope="module", params=ZOO)
+def cifar_model(request: pytest.FixtureRequest):
+    torch.manual_seed(0)
+    model = create_model(request.param, num_classes=10, cifar=True).eval()
+    _randomize_bn(model, seed=1)  # fresh BNs are identities and would hide a wrong fold
+    return request.param, model
+
+
+def test_deploy_form_is_equivalent_with_randomized_bn(cifar_model) -> None:
+    name, model = cifar_model
+    result = reparameterize(model, input_shape=(2, 3, 32, 32))
+    assert result.certificate.passed, result.certificate.failures()
+    assert result.certificate.max_rel_error <= 1e-4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, got = model(x), result.model(x)
+    assert ((ref - got).abs().max() / ref.abs().max()).item() <= 1e-4
+    if get_entry(name).family == "repvgg":
+        # RepVGG's deploy form is a plain VGG: no BN, no parallel branches left.
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())
+
+
+def test_onnx_export_matches_pytorch(cifar_model, tmp_path) -> None:
+    from deploykit.export import export_onnx
+
+    name, model = cifar_model
+    fused = reparameterize(model, input_shape=(1, 3, 32, 32), check=False).model
+    report = export_onnx(fused, tmp_path / f"{name}.onnx", input_size=32, batch="dynamic")
+    assert (tmp_path / f"{name}.onnx").is_file()
+    assert report.onnxruntime["checked"], report.onnxruntime
+    assert report.onnxruntime["max_rel_error"] < 1e-4
+    assert list((tmp_path).glob("*.data")) == [], "export must be a single file"
+
+
+PAPER_MODELS = [n for n in ZOO if get_entry(n).paper_params or get_entry(n).paper_macs]
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_deploy_form_matches_paper_params_and_macs(name: str) -> None:
+    """Papers give the deploy (inference-time) form at 224x224 with 1000 classes."""
+    from deploykit.models.info import describe
+
+    info = describe(name)
+    entry = get_entry(name)
+    if entry.paper_params:
+        assert info["deploy_params"] == pytest.approx(entry.paper_params, rel=0.02), info
+    if entry.paper_macs:
+        # Papers round MACs to 2 significant digits (1.36G is printed as 1.4G).
+        rounded = float(f"{info['deploy_macs']:.2g}")
+        assert rounded == pytest.approx(entry.paper_macs, rel=0.02) or info["deploy_macs"] == pytest.approx(
+            entry.paper_macs, rel=0.02
+        ), info
