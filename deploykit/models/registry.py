@@ -22,7 +22,8 @@ class ModelEntry:
     factory: Callable[..., Any]
     family: str
     paper: str
-    # Figures from the paper at 224x224, 1000 classes, deploy form: (params, MACs). None: not given.
+    # Figures from the paper at 224x224, 1000 classes (RepVGG: the deploy form; others: the
+    # model as built, which fusion changes by <2%). None: not given.
     paper_params: float | None = None
     paper_macs: float | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
