@@ -27,6 +27,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "deploykit.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "deploykit.backends.openvino:OpenVINOBackend",
     "mnn": "deploykit.backends.mnn:MNNBackend",
+    "tensorrt": "deploykit.backends.tensorrt:TensorRTBackend",
 }
 
 
@@ -87,6 +88,7 @@ class Backend(Protocol):
     name: str
     precisions: tuple[str, ...]
     extra: str  # the pip extra that installs it: deploykit[<extra>]
+    options: dict[str, Option]  # settings it accepts (--option key=value), validated by resolve_options
 
     def version(self) -> str | None:
         """The runtime's version, or None when it is not installed."""
@@ -105,9 +107,13 @@ class Option:
     help: str
     choices: tuple[Any, ...] | None = None
     precisions: tuple[str, ...] | None = None  # None: every precision
+    kind: type | None = None  # the value's type when the default (None) does not say it
+    bounds: tuple[float, float] | None = None  # inclusive range of a number
 
     def parse(self, backend: str, name: str, value: Any) -> Any:
-        kind = type(self.default) if self.default is not None else str
+        kind = self.kind or (type(self.default) if self.default is not None else str)
+        if value is None and self.default is None:
+            return None
         if isinstance(value, str) and kind is not str:
             text = value.strip().lower()
             try:
@@ -119,6 +125,10 @@ class Option:
                     value = kind(text)
             except ValueError:
                 raise UsageError(f"option {name}={value!r} for target {backend}: expected {kind.__name__}") from None
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, kind):
+            raise UsageError(f"option {name}={value!r} for target {backend}: expected {kind.__name__}")
         if self.choices is not None:
             folded = {str(c).lower(): c for c in self.choices}
             if str(value).lower() not in folded:
@@ -126,6 +136,9 @@ class Option:
                     f"option {name}={value!r} for target {backend}: choose from {', '.join(map(str, self.choices))}"
                 )
             value = folded[str(value).lower()]
+        if self.bounds is not None and not self.bounds[0] <= value <= self.bounds[1]:
+            low, high = self.bounds
+            raise UsageError(f"option {name}={value!r} for target {backend}: must be between {low:g} and {high:g}")
         return value
 
 
@@ -157,6 +170,19 @@ def run_in_batches(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, 
     if len(inputs) % batch:
         raise DeployError(f"this artifact takes batches of {batch}; got {len(inputs)} inputs")
     return np.concatenate([run(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
+
+
+def installed_version(module: str, distribution: str) -> str | None:
+    """Version of ``distribution`` when ``module`` is importable; cheap: nothing is imported."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+        return version(distribution)
+    except (PackageNotFoundError, ValueError):
+        return None
 
 
 def check_precision(backend: Backend, precision: str) -> None:

@@ -19,6 +19,17 @@ COMMANDS: dict[str, str] = {
     "models": "deploykit.cli.zoo:models",
     "fuse": "deploykit.cli.zoo:fuse",
     "export": "deploykit.cli.zoo:export",
+    "build": "deploykit.cli.build:build",
+    "eval": "deploykit.cli.build:evaluate",
+    "targets": "deploykit.cli.build:targets",
+    "bench": "deploykit.cli.bench:bench",
+    "report": "deploykit.cli.bench:report",
+    "doctor": "deploykit.cli.doctor:doctor",
+    "train": "deploykit.cli.train:train",
+    "analyze": "deploykit.cli.train:analyze",
+    "package": "deploykit.cli.package:package",
+    "verify": "deploykit.cli.package:verify",
+    "run": "deploykit.cli.package:run",
 }
 
 

@@ -1,0 +1,1 @@
+"""Backends: one module per runtime, found through ``base.BACKENDS``."""

@@ -1,0 +1,201 @@
+"""MNN (CPU): ``model.mnn`` in FP32, FP16 (weights), W8 (int8 weights, float compute) or INT8.
+
+The converter and the offline quantizer run in a subprocess (``_mnn_worker``): they can abort
+or segfault, and a crash becomes one DeployError naming what to change. INT8 calibrates on the
+*same* tensors as the other backends: they are written in the quantizer's "sequence" input
+format (one folder per sample holding ``<input name>.txt``), so MNN's own image decoding and
+resizing never enter. ``feature_quantize_method`` EMA is the default; KL and ADMM crash or
+lose accuracy on some graphs.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from deploykit.backends.base import Artifact, BuildConfig, Option, installed_version, resolve_options
+from deploykit.errors import DeployError, MissingBackendError
+
+MODEL_FILE = "model.mnn"
+TOOL_TIMEOUT_S = 3600
+
+OPTIONS = {
+    "feature_quantize_method": Option("EMA", "activation ranges: EMA (moving average), KL or ADMM",
+                                      ("EMA", "KL", "ADMM"), ("int8",)),
+    "weight_quantize_method": Option("MAX_ABS", "weight scales", ("MAX_ABS", "ADMM"), ("int8",)),
+    # Outside 1..127 MNN's quantizer logs an error and then segfaults.
+    "feature_clamp_value": Option(127, "activation range [-v, v]; lower it when int8 overflows",
+                                  precisions=("int8",), bounds=(1, 127)),
+}
+
+_ERROR_MARKS = ("error", "not support", "failed", "check failed", "invalid")
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Swallow what MNN's C code prints on stdout (a CPU-feature banner, precision notes)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced (pytest capture, notebooks)
+        yield
+        return
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            try:
+                yield
+            finally:
+                libc.fflush(None)
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def _mnn():
+    try:
+        with _quiet_stdout():
+            import MNN
+    except ImportError as err:
+        raise MissingBackendError("mnn", "MNN") from err
+    return MNN
+
+
+def _tool_message(output: str) -> str:
+    """The line of a tool's log that says what went wrong: an unsupported op first, else the last error."""
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    unsupported = [line for line in lines if "not support" in line.lower()]
+    marked = [line for line in lines if any(m in line.lower() for m in _ERROR_MARKS)]
+    return (unsupported or marked or lines or ["no output"])[-1][:300]
+
+
+def run_tool(args: list[str], *, what: str, hint: str = "", produces: Path | None = None) -> str:
+    """Run ``_mnn_worker ARGS`` in a subprocess; a crash or a missing output is a DeployError."""
+    cmd = [sys.executable, "-m", "deploykit.backends._mnn_worker", *args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, errors="replace")
+    except subprocess.TimeoutExpired as err:
+        raise DeployError(f"{what} ran over {TOOL_TIMEOUT_S} s and was stopped{hint}") from err
+    output = done.stdout + done.stderr
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        raise DeployError(f"{what} crashed ({name}){hint}")
+    if done.returncode != 0 or (produces is not None and not (produces.is_file() and produces.stat().st_size)):
+        raise DeployError(f"{what} failed: {_tool_message(output)}{hint}")
+    return output
+
+
+def _write_sequence_inputs(folder: Path, input_name: str, inputs: Any) -> None:
+    """One folder per sample with ``<input_name>.txt`` (whitespace-separated floats)."""
+    for i, sample in enumerate(inputs):
+        sample_dir = folder / f"{i:06d}"
+        sample_dir.mkdir(parents=True)
+        shape = [1, *sample.shape]
+        (sample_dir / "input.json").write_text(json.dumps({"inputs": [{"name": input_name, "shape": shape}]}))
+        sample.astype("float32").tofile(str(sample_dir / f"{input_name}.txt"), sep=" ", format="%.7g")
+
+
+class MNNRunner:
+    def __init__(self, path: Path, *, threads: int, precision: str, io: dict[str, Any]) -> None:
+        MNN = _mnn()
+        self.threads = threads
+        self.expr = MNN.expr
+        mode = "low" if precision == "fp16" else "high"  # low: fp16 arithmetic where the CPU has it
+        with _quiet_stdout():
+            self.runtime = MNN.nn.create_runtime_manager(({"backend": "CPU", "numThread": threads, "precision": mode},))
+            self.module = MNN.nn.load_module_from_file(
+                str(path), [io["inputs"][0]["name"]], [io["outputs"][0]["name"]], runtime_manager=self.runtime
+            )
+        if self.module is None:
+            raise DeployError(f"MNN cannot load {path}")
+
+    def __call__(self, inputs):
+        import numpy as np
+
+        x = np.ascontiguousarray(inputs, dtype=np.float32)
+        var = self.expr.const(x, list(x.shape), self.expr.NCHW)
+        out = self.module.forward(var)
+        out = out[0] if isinstance(out, list) else out
+        # MNN may hand back its packed NC4HW4 layout; NCHW is what every other runner returns.
+        out = self.expr.convert(out, self.expr.NCHW)
+        return np.array(out.read(), dtype=np.float32, copy=True)
+
+
+class MNNBackend:
+    name = "mnn"
+    precisions = ("fp32", "fp16", "w8", "int8")
+    extra = "mnn"
+    options = OPTIONS
+
+    def version(self) -> str | None:
+        # _tools (converter, quantizer) ships in the same wheel as MNN (inference).
+        return installed_version("MNN", "MNN") if installed_version("_tools", "MNN") else None
+
+    def build(self, onnx_path: Path, out_dir: Path, config: BuildConfig) -> dict[str, Any]:
+        from deploykit.backends.onnxruntime import onnx_io
+
+        if self.version() is None:
+            raise MissingBackendError("mnn", "MNN")
+        options = resolve_options(self.name, self.options, config.options, config.precision)
+        io = onnx_io(onnx_path)
+        out = out_dir / MODEL_FILE
+        flags = {"fp16": ["--fp16"], "w8": ["--weightQuantBits", "8"]}.get(config.precision, [])
+        if config.precision != "int8":
+            self._convert(onnx_path, out, flags)
+        else:
+            with tempfile.TemporaryDirectory(prefix="deploykit-mnn-") as tmp:
+                float_model = Path(tmp) / "float.mnn"
+                self._convert(onnx_path, float_model, [])
+                self._quantize(float_model, out, Path(tmp), io, config, options)
+        return {"model_file": MODEL_FILE, "batch": None, "options": options, "io": io}
+
+    def _convert(self, onnx_path: Path, out: Path, flags: list[str]) -> None:
+        args = ["convert", "-f", "ONNX", "--modelFile", str(onnx_path), "--MNNModel", str(out),
+                "--bizCode", "deploykit", *flags]
+        run_tool(args, what=f"MNN converter on {onnx_path.name}", produces=out)
+
+    def _quantize(self, src: Path, out: Path, tmp: Path, io: dict[str, Any], config: BuildConfig,
+                  options: dict[str, Any]) -> None:
+        calib = config.calibration
+        if calib is None:
+            raise DeployError("int8 needs calibration data")
+        input_name = io["inputs"][0]["name"]
+        _write_sequence_inputs(tmp / "calib", input_name, calib.inputs)
+        settings = {
+            "path": str(tmp / "calib"),
+            "used_sample_num": len(calib.inputs),
+            "input_type": "sequence",
+            "inputs": [{"name": input_name, "shape": [1, *calib.inputs.shape[1:]]}],
+            # Sequence inputs are read one sample per step; a larger batch would use only its last sample.
+            "batch_size": 1,
+            "quant_bits": 8,
+            "feature_quantize_method": options["feature_quantize_method"],
+            "weight_quantize_method": options["weight_quantize_method"],
+            "feature_clamp_value": options["feature_clamp_value"],
+            "weight_clamp_value": 127,
+            "debug": False,
+        }
+        config_path = tmp / "quant.json"
+        config_path.write_text(json.dumps(settings, indent=1))
+        method = options["feature_quantize_method"]
+        hint = "" if method == "EMA" else "; retry with --option feature_quantize_method=EMA"
+        quantized = tmp / "quantized.mnn"  # the quantizer also drops a scales dump beside it
+        run_tool(["quant", str(src), str(quantized), str(config_path)],
+                 what=f"MNN quantizer (feature_quantize_method={method})", hint=hint, produces=quantized)
+        shutil.move(str(quantized), str(out))
+
+    def load(self, artifact: Artifact, *, threads: int) -> MNNRunner:
+        backend = artifact.meta["backend"]
+        return MNNRunner(artifact.path / backend["model_file"], threads=threads,
+                         precision=artifact.precision, io=backend["io"])

@@ -1,0 +1,192 @@
+"""ONNX Runtime (CPU execution provider): FP32, FP16 and INT8 (static QDQ).
+
+- fp32: the graph optimized by ORT (level ``extended``: portable across CPUs; ``all`` adds
+  layout transforms tied to this machine's instruction set) and saved as ``model.onnx``.
+- fp16: weights and activations in float16 (``onnxruntime.transformers.float16``), float32
+  inputs and outputs; nodes without an fp16 CPU kernel run behind inserted casts.
+- int8: ``onnxruntime.quantization.quantize_static`` in QDQ format over the calibration set,
+  per-channel weights by default; MinMax, Entropy or Percentile ranges.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from deploykit.backends.base import (
+    Artifact, BuildConfig, Option, installed_version, resolve_options, run_in_batches,
+)
+from deploykit.errors import DeployError, MissingBackendError
+
+MODEL_FILE = "model.onnx"
+
+OPTIONS = {
+    "optimization_level": Option("extended", "graph optimizations saved into the fp32 model",
+                                 ("basic", "extended", "all"), ("fp32",)),
+    "calibrate_method": Option("minmax", "how activation ranges are set", ("minmax", "entropy", "percentile"),
+                               ("int8",)),
+    "per_channel": Option(True, "one weight scale per output channel", precisions=("int8",)),
+    "symmetric": Option(False, "symmetric activation ranges (zero point at the middle)", precisions=("int8",)),
+    "activation_type": Option("uint8", "activation integer type; uint8 suits x86 (u8s8 kernels)",
+                              ("uint8", "int8"), ("int8",)),
+    "reduce_range": Option(False, "7-bit weights: avoids u8s8 overflow on x86 CPUs without VNNI",
+                           precisions=("int8",)),
+}
+
+
+def onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, shapes (int or symbolic name) and element types of the graph inputs and outputs."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def describe(values: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": v.name,
+                "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                          for d in v.type.tensor_type.shape.dim],
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+            }
+            for v in values
+            if v.name not in initializers
+        ]
+
+    return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
+
+
+def fixed_batch(io: dict[str, list[dict[str, Any]]]) -> int | None:
+    first = io["inputs"][0]["shape"][0] if io["inputs"][0]["shape"] else None
+    return first if isinstance(first, int) and first > 0 else None
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise MissingBackendError("onnxruntime", "ONNX Runtime") from err
+    from deploykit.privacy import quiet_onnxruntime
+
+    quiet_onnxruntime()
+    return onnxruntime
+
+
+def session(path: Path, *, threads: int, level: str = "all", save_to: Path | None = None):
+    """An ORT CPU session with explicit threads; optionally save the optimized graph."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if save_to is not None:
+        opts.optimized_model_filepath = str(save_to)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DeployError(f"onnxruntime cannot load {path.name}: {first}") from err
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, path: Path, *, threads: int) -> None:
+        self.threads = threads
+        self.session = session(path, threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.batch = fixed_batch(onnx_io(path))
+
+    def __call__(self, inputs):
+        import numpy as np
+
+        def run(x):
+            return self.session.run(None, {self.input_name: x})[0]
+
+        return run_in_batches(run, np.ascontiguousarray(inputs, dtype=np.float32), self.batch)
+
+
+class _Reader:
+    """The calibration tensors, one batch per call, as ``quantize_static`` reads them."""
+
+    def __init__(self, input_name: str, inputs, batch: int) -> None:
+        self.input_name, self.inputs, self.batch, self.pos = input_name, inputs, batch, 0
+
+    def get_next(self) -> dict[str, Any] | None:
+        if self.pos >= len(self.inputs):
+            return None
+        chunk = self.inputs[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return {self.input_name: chunk} if len(chunk) == self.batch else None
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+    precisions = ("fp32", "fp16", "int8")
+    extra = "onnxruntime"
+    options = OPTIONS
+
+    def version(self) -> str | None:
+        return installed_version("onnxruntime", "onnxruntime") or installed_version("onnxruntime", "onnxruntime-gpu")
+
+    def build(self, onnx_path: Path, out_dir: Path, config: BuildConfig) -> dict[str, Any]:
+        _ort()
+        options = resolve_options(self.name, self.options, config.options, config.precision)
+        out = out_dir / MODEL_FILE
+        if config.precision == "fp32":
+            session(onnx_path, threads=config.threads, level=options["optimization_level"], save_to=out)
+        elif config.precision == "fp16":
+            self._build_fp16(onnx_path, out)
+        else:
+            self._build_int8(onnx_path, out, config, options)
+        session(out, threads=config.threads)  # fails here, not at first use, if the result does not load
+        return {"model_file": MODEL_FILE, "batch": fixed_batch(onnx_io(out)), "options": options}
+
+    def _build_fp16(self, onnx_path: Path, out: Path) -> None:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+        onnx.save(model, str(out))
+
+    def _build_int8(self, onnx_path: Path, out: Path, config: BuildConfig, options: dict[str, Any]) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        calib = config.calibration
+        if calib is None:
+            raise DeployError("int8 needs calibration data")
+        io = onnx_io(onnx_path)
+        reader = _Reader(io["inputs"][0]["name"], calib.inputs, fixed_batch(io) or 1)
+        with tempfile.TemporaryDirectory(prefix="deploykit-ort-") as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            try:
+                quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+                quantize_static(
+                    str(prepared), str(out), reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=options["per_channel"],
+                    reduce_range=options["reduce_range"],
+                    activation_type=QuantType.QUInt8 if options["activation_type"] == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method={
+                        "minmax": CalibrationMethod.MinMax,
+                        "entropy": CalibrationMethod.Entropy,
+                        "percentile": CalibrationMethod.Percentile,
+                    }[options["calibrate_method"]],
+                    extra_options={"ActivationSymmetric": options["symmetric"], "WeightSymmetric": True},
+                )
+            except DeployError:
+                raise
+            except Exception as err:
+                raise DeployError(f"onnxruntime int8 quantization failed: {type(err).__name__}: {err}") from err
+
+    def load(self, artifact: Artifact, *, threads: int) -> OnnxRuntimeRunner:
+        return OnnxRuntimeRunner(artifact.path / artifact.meta["backend"]["model_file"], threads=threads)

@@ -1,0 +1,181 @@
+"""OpenVINO (CPU plugin): IR ``model.xml``/``model.bin`` in FP32, FP16 or INT8.
+
+- fp32 / fp16: ``openvino.convert_model`` + ``save_model`` (fp16: weights compressed to
+  float16; the CPU plugin computes in float32 unless the CPU has native fp16/bf16 units, and
+  deploykit pins ``INFERENCE_PRECISION_HINT=f32`` so results do not depend on the machine).
+- int8: NNCF post-training quantization (``nncf.quantize``) on the calibration set; with
+  ``--option max_drop=X`` and labeled calibration data, ``nncf.quantize_with_accuracy_control``
+  keeps the top-1 drop on the held-out samples within X by reverting layers to float.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+from deploykit.backends.base import (
+    Artifact, BuildConfig, Option, installed_version, resolve_options, run_in_batches,
+)
+from deploykit.errors import DeployError, MissingBackendError
+
+MODEL_FILE = "model.xml"
+
+OPTIONS = {
+    "preset": Option("performance", "performance: symmetric activations; mixed: asymmetric (better for "
+                     "non-ReLU activations)", ("performance", "mixed"), ("int8",)),
+    "fast_bias_correction": Option(True, "fast (True) or full (False) bias correction", precisions=("int8",)),
+    "ignored_scope": Option("", "comma-separated node names kept in float", precisions=("int8",)),
+    "max_drop": Option(None, "largest top-1 drop allowed (0.01 = 1 point); needs labeled calibration data",
+                       precisions=("int8",), kind=float, bounds=(0.0, 1.0)),
+}
+
+
+def _openvino():
+    from deploykit.privacy import quiet_runtimes
+
+    quiet_runtimes()
+    try:
+        import openvino
+    except ImportError as err:
+        raise MissingBackendError("openvino", "OpenVINO") from err
+    return openvino
+
+
+def _first_line(err: Exception) -> str:
+    """The informative line of OpenVINO's multi-line errors (they open with a source location)."""
+    lines = [line.strip(" -") for line in str(err).strip().splitlines() if line.strip(" -")]
+    for marker in ("no conversion rule", "not supported", "unsupported"):
+        hit = next((line for line in lines if marker in line.lower()), None)
+        if hit:
+            return hit[:300]
+    useful = [line for line in lines if not line.startswith("Check '")]
+    return (useful or lines or [type(err).__name__])[0][:300]
+
+
+def compile_model(path: Path, *, threads: int):
+    """The model compiled for CPU with explicit threads, one stream, latency hint, f32 compute."""
+    ov = _openvino()
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    config = {
+        props.inference_num_threads: threads,
+        props.num_streams: 1,
+        hints.performance_mode: hints.PerformanceMode.LATENCY,
+        hints.inference_precision: ov.Type.f32,
+    }
+    try:
+        return ov.Core().compile_model(str(path), "CPU", config)
+    except Exception as err:  # OpenVINO raises RuntimeError subclasses with multi-line text
+        raise DeployError(f"openvino cannot compile {path.name}: {_first_line(err)}") from err
+
+
+def runtime_precisions(compiled: Any) -> dict[str, int]:
+    """How many executed ops run at each precision (``runtimePrecision`` of the runtime model)."""
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "runtimePrecision" in info:
+            precision = info["runtimePrecision"].astype(str)
+            counts[precision] = counts.get(precision, 0) + 1
+    return counts
+
+
+class OpenVINORunner:
+    def __init__(self, path: Path, *, threads: int, batch: int | None) -> None:
+        self.threads = threads
+        self.compiled = compile_model(path, threads=threads)
+        self.request = self.compiled.create_infer_request()
+        self.batch = batch
+
+    def __call__(self, inputs):
+        import numpy as np
+
+        def run(x):
+            self.request.infer({0: x})
+            return self.request.get_output_tensor(0).data.copy()
+
+        return run_in_batches(run, np.ascontiguousarray(inputs, dtype=np.float32), self.batch)
+
+
+class OpenVINOBackend:
+    name = "openvino"
+    precisions = ("fp32", "fp16", "int8")
+    extra = "openvino"
+    options = OPTIONS
+
+    def version(self) -> str | None:
+        return installed_version("openvino", "openvino")
+
+    def build(self, onnx_path: Path, out_dir: Path, config: BuildConfig) -> dict[str, Any]:
+        ov = _openvino()
+        from deploykit.backends.onnxruntime import fixed_batch, onnx_io
+
+        options = resolve_options(self.name, self.options, config.options, config.precision)
+        try:
+            model = ov.convert_model(str(onnx_path))
+        except Exception as err:
+            raise DeployError(f"openvino cannot convert {onnx_path.name}: {_first_line(err)}") from err
+        facts: dict[str, Any] = {}
+        if config.precision == "int8":
+            model, facts = self._quantize(model, config, options)
+        ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=config.precision == "fp16")
+        compiled = compile_model(out_dir / MODEL_FILE, threads=config.threads)
+        return {
+            "model_file": MODEL_FILE,
+            "weights_file": "model.bin",
+            "batch": fixed_batch(onnx_io(onnx_path)),
+            "options": options,
+            "runtime_precisions": runtime_precisions(compiled),
+            **facts,
+        }
+
+    def _quantize(self, model: Any, config: BuildConfig, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        import nncf
+
+        calib = config.calibration
+        if calib is None:
+            raise DeployError("int8 needs calibration data")
+        names = [n.strip() for n in options["ignored_scope"].split(",") if n.strip()]
+        common = dict(
+            preset=nncf.QuantizationPreset(options["preset"]),
+            subset_size=len(calib.inputs),
+            fast_bias_correction=options["fast_bias_correction"],
+            ignored_scope=nncf.IgnoredScope(names=names) if names else None,
+        )
+        dataset = nncf.Dataset(list(calib.batches(1)))
+        # NNCF draws rich progress bars on stdout; a library must not print, so they are dropped.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return self._run_nncf(nncf, model, dataset, calib, options, common)
+
+    def _run_nncf(self, nncf: Any, model: Any, dataset: Any, calib: Any, options: dict[str, Any],
+                  common: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        try:
+            if options["max_drop"] is None:
+                return nncf.quantize(model, dataset, **common), {}
+            if calib.held_out_labels is None or not len(calib.held_out_labels):
+                raise DeployError("max_drop needs labeled calibration data (one folder per class)")
+            validation = nncf.Dataset(list(zip(calib.held_out, calib.held_out_labels)), lambda item: item[0][None])
+            quantized = nncf.quantize_with_accuracy_control(
+                model, dataset, validation, _top1_on, max_drop=options["max_drop"], **common
+            )
+            return quantized, {"accuracy_control": {"max_drop": options["max_drop"], "samples": len(calib.held_out)}}
+        except DeployError:
+            raise
+        except Exception as err:  # NNCF raises ValidationError, RuntimeError, ... with long texts
+            raise DeployError(f"openvino int8 quantization (nncf) failed: {_first_line(err)}") from err
+
+    def load(self, artifact: Artifact, *, threads: int) -> OpenVINORunner:
+        backend = artifact.meta["backend"]
+        return OpenVINORunner(artifact.path / backend["model_file"], threads=threads, batch=backend.get("batch"))
+
+
+def _top1_on(compiled: Any, items: Any) -> float:
+    """NNCF's validation_fn: top-1 of a compiled model over (input, label) pairs."""
+    hits = total = 0
+    output = compiled.outputs[0]
+    for x, label in items:
+        hits += int(compiled(x[None])[output].argmax() == label)
+        total += 1
+    return hits / max(total, 1)

@@ -1,0 +1,281 @@
+"""The build pipeline: MODEL -> fuse -> export -> backend build -> verify -> artifact directory.
+
+Everything is written into a temporary directory beside the output and renamed into place
+only when verification passes, so a failed build leaves no partial artifact and any previous
+artifact untouched. ``build.json`` records what was built, from what, with which tools and
+options, and how close the artifact is to the reference.
+
+build.json (schema 1)::
+
+    schema_version, deploykit_version, created_utc, build_seconds
+    target, profile, precision, threads, options         what was asked (options with defaults)
+    model: {name, source, spec, form, fusion}            what was built (fusion: the certificate)
+    export: {opset, sha256, report}                      the intermediate ONNX
+    inputs / outputs: [{name, shape, dtype}]             the artifact's interface
+    preprocessing                                        image -> input tensor (deploykit.calib)
+    calibration: {source, recipe, synthetic, count, held_out, seed, shape, sha256} | null
+    backend: {model_file, batch, options, ...}           facts the backend reports
+    verification: {reference, inputs, samples, cosine_min, cosine_mean, max_abs_error,
+                   max_rel_error, top1_agreement, tolerance, passed, problems}
+    versions, device, warnings
+    files: {relative path: sha256}                       every file except build.json
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploykit import __version__
+from deploykit.backends.base import (
+    BUILD_JSON, BUILD_SCHEMA_VERSION, Artifact, BuildConfig, Runner, check_precision, get_backend, resolve_options,
+)
+from deploykit.errors import DeployError, MissingBackendError, QualityGateError
+from deploykit.files import atomic_dir, check_writable, sha256_file, sha256_tree
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VERIFY_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: str  # zoo name, file.py:factory, checkpoint, or .onnx
+    target: str  # backend or profile name
+    precision: str | None = None  # None: the profile's, else fp32
+    calib: str | None = None  # recipe name/file or data path; None: synthetic fallback
+    calib_recipe: str | None = None  # preprocessing for --calib PATH
+    calib_samples: int | None = None
+    out: Path | None = None
+    threads: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
+    num_classes: int | None = None
+    cifar: bool | None = None
+    verify_samples: int = DEFAULT_VERIFY_SAMPLES
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.meta.get("warnings", [])
+
+
+@dataclass
+class _Source:
+    """The model side of a build: the ONNX to convert and the reference to verify against."""
+
+    onnx_path: Path
+    input_size: int
+    reference: Callable[[], Runner]  # made on use: the target's converter speaks first about odd ops
+    reference_name: str
+    model_meta: dict[str, Any]
+    export_meta: dict[str, Any]
+    torch_model: Any = None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
+
+
+def default_out(model: str, target: str, precision: str) -> Path:
+    stem = Path(model.split(".py:")[0]).stem if (".py:" in model or "/" in model or "." in model) else model
+    if ".py:" in model:
+        stem = f"{stem}-{model.rsplit(':', 1)[1]}"
+    return Path("build") / f"{_slug(stem)}-{target}-{precision}"
+
+
+def _check_onnx(path: Path) -> None:
+    import onnx
+
+    if not path.is_file():
+        raise DeployError(f"{path} does not exist")
+    try:
+        onnx.checker.check_model(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # onnx raises ValidationError, DecodeError, OSError...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DeployError(f"{path} is not a valid ONNX model: {first[:200]}") from err
+    initializers = {i.name for i in model.graph.initializer}
+    if not [i for i in model.graph.input if i.name not in initializers]:
+        raise DeployError(f"{path} has no graph input")
+
+
+def _from_onnx(path: Path, threads: int) -> _Source:
+    from deploykit.backends.onnxruntime import OnnxRuntimeRunner, onnx_io
+
+    _check_onnx(path)
+    io = onnx_io(path)
+    shape = io["inputs"][0]["shape"]
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or shape[2] != shape[3]:
+        raise DeployError(f"{path}: input shape {shape} is not (N, C, S, S) with a fixed square size")
+    return _Source(
+        onnx_path=path, input_size=shape[3],
+        reference=lambda: OnnxRuntimeRunner(path, threads=threads),
+        reference_name="onnxruntime fp32 on the original ONNX",
+        model_meta={"name": path.stem, "source": "onnx", "spec": str(path), "form": "deploy", "fusion": None},
+        export_meta={"opset": None, "sha256": sha256_file(path), "report": None},
+    )
+
+
+def _from_torch(request: BuildRequest, work: Path, threads: int, step: Callable[[str], None]) -> _Source:
+    from deploykit.backends.torch_cpu import TorchRunner
+    from deploykit.export import export_onnx
+    from deploykit.fuse import reparameterize
+    from deploykit.loading import check_input, load_model
+
+    step("loading the model")
+    loaded = load_model(request.model, num_classes=request.num_classes, cifar=request.cifar)
+    check_input(loaded)
+    size = loaded.input_size
+    fusion = None
+    fused = loaded.model
+    if loaded.form != "deploy":
+        step("fusing (re-parameterizing)")
+        result = reparameterize(loaded.model, input_shape=(2, 3, size, size))
+        fused, fusion = result.model, result.certificate.to_dict() if result.certificate is not None else None
+    step("exporting to ONNX")
+    onnx_path = work / "model.onnx"
+    report = export_onnx(fused, onnx_path, input_size=size, batch=1)
+    return _Source(
+        onnx_path=onnx_path, input_size=size,
+        reference=lambda: TorchRunner(loaded.model, threads=threads),
+        reference_name="torch eager (the model as loaded)",
+        model_meta={"name": loaded.name, "source": loaded.source, "spec": loaded.spec or request.model,
+                    "form": loaded.form, "fusion": fusion},
+        export_meta={"opset": report.opset, "sha256": sha256_file(onnx_path), "report": report.to_dict()},
+        torch_model=fused,
+    )
+
+
+def _calibration(request: BuildRequest, precision: str, input_size: int, recipe: str | None,
+                 warnings: list[str]) -> Any:
+    from deploykit.calib import MIN_RECOMMENDED_SAMPLES, load_calibration
+
+    needs_data = precision == "int8"
+    calib = load_calibration(
+        request.calib if (needs_data or request.calib) else None,
+        input_size=input_size,
+        num_samples=request.calib_samples if needs_data else 1,
+        num_verify=request.verify_samples,
+        seed=request.seed,
+        recipe=recipe,
+    )
+    if needs_data and calib.synthetic:
+        warnings.append(
+            "INT8 calibrated on synthetic data (seeded random tensors): the artifact runs int8 kernels, "
+            "but its accuracy needs real data: pass --calib DIR"
+        )
+    elif needs_data and len(calib) < MIN_RECOMMENDED_SAMPLES:
+        warnings.append(f"INT8 calibrated on {len(calib)} samples; {MIN_RECOMMENDED_SAMPLES}+ give stabler ranges")
+    return calib
+
+
+def _verify(source: _Source, runner: Runner, calib: Any, target: str, precision: str,
+            warnings: list[str]) -> dict[str, Any]:
+    """Figures of the artifact against the reference on the held-out inputs; gate fp32/fp16."""
+    from deploykit.verify import TOLERANCES, compare, judge
+
+    comparison = compare(source.reference()(calib.held_out), runner(calib.held_out))
+    tolerance = TOLERANCES[precision]
+    problems = judge(comparison, tolerance)
+    if problems and tolerance.gate:
+        raise QualityGateError(
+            f"{target} {precision} artifact differs from the reference: {'; '.join(problems)}; nothing written"
+        )
+    if problems:
+        warnings.append(f"{precision} artifact below the expected agreement: {'; '.join(problems)}")
+    return {
+        "reference": source.reference_name,
+        "inputs": f"held-out samples of {calib.source}",
+        **comparison.to_dict(),
+        "tolerance": {"precision": precision, **tolerance.to_dict()},
+        "passed": not problems,
+        "problems": problems,
+    }
+
+
+def build(request: BuildRequest, *, progress: Callable[[str], None] | None = None) -> BuildResult:
+    """Run the pipeline for ``request``; ``progress(step)`` is called as each step starts."""
+    from deploykit.backends.onnxruntime import onnx_io
+    from deploykit.bench.fingerprint import device_fingerprint, tool_versions
+    from deploykit.profiles import resolve_target
+
+    step = progress or (lambda text: None)
+    started = time.perf_counter()
+    profile = resolve_target(request.target)
+    backend = get_backend(profile.target)
+    precision = request.precision or profile.precision or "fp32"
+    check_precision(backend, precision)
+    if backend.version() is None:
+        raise MissingBackendError(backend.name, backend.name, backend.extra)
+    options = resolve_options(backend.name, backend.options, {**profile.options, **request.options}, precision)
+    threads = request.threads or profile.threads or 2
+    is_onnx = request.model.endswith(".onnx")
+    if is_onnx and backend.name == "torch":
+        raise DeployError("target torch builds from a PyTorch model, not from an .onnx file")
+    out = Path(request.out) if request.out else default_out(request.model, backend.name, precision)
+    check_writable(out, force=request.force)
+    warnings: list[str] = []
+
+    with tempfile.TemporaryDirectory(prefix="deploykit-build-") as work:
+        if is_onnx:
+            step("checking the ONNX model")
+            source = _from_onnx(Path(request.model), threads)
+        else:
+            source = _from_torch(request, Path(work), threads, step)
+        step("loading calibration data" if precision == "int8" else "loading verification inputs")
+        calib = _calibration(request, precision, source.input_size, request.calib_recipe or profile.calib_recipe,
+                             warnings)
+        config = BuildConfig(precision=precision, threads=threads,
+                             calibration=calib if precision == "int8" else None,
+                             options=options, source_model=source.torch_model)
+        with atomic_dir(out, force=request.force) as tmp:
+            step(f"building {backend.name} {precision}")
+            facts = backend.build(source.onnx_path, tmp, config)
+            step("verifying against the reference")
+            artifact = Artifact(tmp, {"target": backend.name, "precision": precision, "files": {}, "backend": facts})
+            verification = _verify(source, backend.load(artifact, threads=threads), calib, backend.name, precision,
+                                   warnings)
+            files = sha256_tree(tmp)
+            meta = {
+                "schema_version": BUILD_SCHEMA_VERSION,
+                "deploykit_version": __version__,
+                "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "target": backend.name,
+                "profile": None if profile.name == backend.name else profile.name,
+                "precision": precision,
+                "threads": threads,
+                "options": options,
+                "model": source.model_meta,
+                "export": source.export_meta,
+                **onnx_io(source.onnx_path),
+                "preprocessing": calib.preprocessing.to_dict(),
+                "calibration": calib.summary() if precision == "int8" else None,
+                # Class names (index = label) when the data is a labeled folder tree.
+                "classes": list(calib.classes) if getattr(calib, "classes", None) else None,
+                "backend": facts,
+                "verification": verification,
+                "versions": tool_versions(),
+                "device": device_fingerprint(),
+                "warnings": warnings,
+                "size_bytes": sum((tmp / name).stat().st_size for name in files),
+                "files": files,
+                "build_seconds": round(time.perf_counter() - started, 3),
+            }
+            (tmp / BUILD_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    for text in warnings:
+        logger.warning(text)
+    return BuildResult(out, meta)

@@ -1,0 +1,222 @@
+"""`deploykit build`, `deploykit eval`, `deploykit targets`: thin wrappers over the library."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+PRECISIONS = ("fp32", "fp16", "int8", "w8")
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--option")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _logs_to(console: Any) -> Iterator[None]:
+    """Route deploykit's log records through ``console`` so they print above the live progress."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("deploykit")
+    handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    handler.setLevel(logging.getLogger().getEffectiveLevel())
+    logger.addHandler(handler)
+    previous = logger.propagate
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = previous
+
+
+@click.command("build")
+@click.argument("model")
+@click.option("--target", "-t", required=True, help="A target or a profile: see `deploykit targets`.")
+@click.option("--precision", "-p", type=click.Choice(PRECISIONS), default=None,
+              help="Default: the profile's, else fp32.")
+@click.option("--calib", default=None, metavar="RECIPE|PATH",
+              help="Calibration recipe (calib/NAME.yaml) or data: image folder, .tar.gz tree, .npy/.npz.")
+@click.option("--calib-recipe", default=None, metavar="NAME", help="Preprocessing recipe for --calib PATH.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Calibration sample count.")
+@click.option("--verify-samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Held-out inputs the artifact is verified on.")
+@click.option("--seed", type=int, default=None, help="Seed of the calibration subset (default: the recipe's).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Artifact directory (default build/MODEL-TARGET-PRECISION).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default 2).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Target option, repeatable; valid keys: `deploykit targets --json`.")
+@click.option("--max-drop", type=float, default=None, help="openvino int8: largest top-1 drop (accuracy control).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size for zoo models.")
+@click.option("--cifar", is_flag=True, default=None, help="Zoo model in its CIFAR (32x32) form.")
+@click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+def build(model: str, target: str, precision: str | None, calib: str | None, calib_recipe: str | None,
+          calib_samples: int | None, verify_samples: int, seed: int | None, out: Path | None, threads: int | None,
+          options: tuple[str, ...], max_drop: float | None, num_classes: int | None, cifar: bool | None,
+          force: bool) -> None:
+    """Build a verified artifact for TARGET from MODEL (zoo name, file.py:factory, checkpoint or .onnx).
+
+    Fuses, exports, converts or quantizes, then verifies the artifact against the model on
+    held-out inputs and writes it with build.json. INT8 without --calib calibrates on seeded
+    random tensors and warns: accuracy needs real data.
+
+    \b
+    Example:
+      deploykit build repvgg_a0 --cifar --num-classes 10 --target openvino --precision int8 \\
+          --calib ../shared/data/cifar10-jpeg.tar.gz --calib-samples 512
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from deploykit.build import BuildRequest, build as run_build
+
+    parsed = _parse_options(options)
+    if max_drop is not None:
+        parsed["max_drop"] = str(max_drop)
+    request = BuildRequest(
+        model=model, target=target, precision=precision, calib=calib, calib_recipe=calib_recipe,
+        calib_samples=calib_samples, out=out, threads=threads, options=parsed, force=force,
+        num_classes=num_classes, cifar=cifar, verify_samples=verify_samples, seed=seed,
+    )
+    console = _stderr_console()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress, _logs_to(console):
+        task = None
+
+        def step(text: str) -> None:
+            nonlocal task
+            if task is not None:
+                progress.update(task, completed=1, total=1)
+            task = progress.add_task(text, total=None)
+
+        result = run_build(request, progress=step)
+        if task is not None:
+            progress.update(task, completed=1, total=1)
+    _print_build(result.meta, result.path)
+
+
+def _print_build(meta: dict[str, Any], path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    v = meta["verification"]
+    table = Table(title=f"{path}  ({meta['target']} {meta['precision']}, {meta['build_seconds']:.1f} s)",
+                  show_header=False, title_justify="left")
+    table.add_row("files", ", ".join(f"{name} ({(path / name).stat().st_size / 1e6:.2f} MB)" for name in meta["files"]))
+    calib = meta["calibration"]
+    if calib:
+        table.add_row("calibration", f"{calib['count']} samples from {calib['source']} (seed {calib['seed']})")
+    table.add_row("verified on", f"{v['samples']} {v['inputs']} vs {v['reference']}")
+    table.add_row("cosine (min / mean)", f"{v['cosine_min']:.6f} / {v['cosine_mean']:.6f}")
+    table.add_row("max abs error", f"{v['max_abs_error']:.3g} (relative {v['max_rel_error']:.3g})")
+    table.add_row("top-1 agreement", f"{v['top1_agreement']:.4f}")
+    Console().print(table)
+
+
+@click.command("eval")
+@click.argument("subject", metavar="ARTIFACT_OR_MODEL")
+@click.option("--data", required=True, help="Labeled images: folder tree (one folder per class) or .tar.gz.")
+@click.option("--split", default="test", show_default=True, help="Subfolder of --data to use when present.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate a seeded subset of N images.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--recipe", default=None, help="Preprocessing recipe (default: the artifact's stored one).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="For a zoo MODEL.")
+@click.option("--cifar", is_flag=True, default=None, help="For a zoo MODEL: its CIFAR form.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(subject: str, data: str, split: str, limit: int | None, threads: int, batch_size: int,
+             recipe: str | None, num_classes: int | None, cifar: bool | None, as_json: bool) -> None:
+    """Top-1 accuracy of an artifact (or a model, or an .onnx file) on a labeled image folder.
+
+    An artifact is fed with the preprocessing stored in its build.json.
+
+    \b
+    Example:
+      deploykit eval build/repvgg_a0-openvino-int8 --data ../shared/data/cifar10-jpeg.tar.gz --limit 2000
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from deploykit.evaluate import evaluate as run_eval
+    from deploykit.evaluate import open_evaluable
+
+    console = _stderr_console()
+    evaluable = open_evaluable(subject, threads=threads, num_classes=num_classes, cifar=cifar, recipe=recipe)
+    columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("eval", total=None)
+        result = run_eval(evaluable, data, split=split, limit=limit, batch_size=batch_size,
+                          progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{result.subject}: top-1 {result.top1:.4f} ({result.correct}/{result.count}) on {result.data}")
+
+
+@click.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def targets(as_json: bool) -> None:
+    """Every target: available here?, version, precisions; then the profiles in targets/.
+
+    \b
+    Example:
+      deploykit targets
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from deploykit.backends.base import BACKENDS, get_backend
+    from deploykit.errors import DeployError
+    from deploykit.profiles import list_profiles, load_profile
+
+    rows = []
+    for name in sorted(BACKENDS):
+        backend = get_backend(name)
+        version = backend.version()
+        rows.append({"target": name, "available": version is not None, "version": version,
+                     "precisions": list(backend.precisions), "install": f"pip install 'deploykit[{backend.extra}]'",
+                     "options": sorted(backend.options)})
+    profiles = []
+    for name, path in list_profiles().items():
+        try:
+            p = load_profile(str(path))
+            profiles.append({"profile": name, "target": p.target, "precision": p.precision, "options": p.options,
+                             "description": p.description})
+        except DeployError as err:
+            profiles.append({"profile": name, "error": str(err)})
+    if as_json:
+        click.echo(json.dumps({"targets": rows, "profiles": profiles}, indent=2))
+        return
+    table = Table(title="targets")
+    for column in ("target", "available", "version", "precisions"):
+        table.add_column(column, no_wrap=column != "available")
+    for r in rows:
+        table.add_row(r["target"], "yes" if r["available"] else f"no: {r['install']}", r["version"] or "-",
+                      ", ".join(r["precisions"]))
+    console = Console()
+    console.print(table)
+    ptable = Table(title="profiles (--target NAME; options: targets/NAME.yaml or --json)")
+    for column in ("profile", "target", "precision", "description"):
+        ptable.add_column(column, no_wrap=column != "description")
+    for p in profiles:
+        if "error" in p:
+            ptable.add_row(p["profile"], "-", "-", f"[red]{p['error']}")
+        else:
+            ptable.add_row(p["profile"], p["target"], p["precision"] or "-", p["description"])
+    console.print(ptable)
