@@ -27,6 +27,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "deploykit.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "deploykit.backends.openvino:OpenVINOBackend",
     "mnn": "deploykit.backends.mnn:MNNBackend",
+    "torch-cuda": "deploykit.backends.torch_cuda:TorchCudaBackend",
     "tensorrt": "deploykit.backends.tensorrt:TensorRTBackend",
 }
 
