@@ -130,7 +130,8 @@ def _from_onnx(path: Path, threads: int) -> _Source:
     )
 
 
-def _from_torch(request: BuildRequest, work: Path, threads: int, step: Callable[[str], None]) -> _Source:
+def _from_torch(request: BuildRequest, work: Path, threads: int, step: Callable[[str], None],
+                batch: int | str = 1) -> _Source:
     from deploykit.backends.torch_cpu import TorchRunner
     from deploykit.export import export_onnx
     from deploykit.fuse import reparameterize
@@ -148,7 +149,7 @@ def _from_torch(request: BuildRequest, work: Path, threads: int, step: Callable[
         fused, fusion = result.model, result.certificate.to_dict() if result.certificate is not None else None
     step("exporting to ONNX")
     onnx_path = work / "model.onnx"
-    report = export_onnx(fused, onnx_path, input_size=size, batch=1)
+    report = export_onnx(fused, onnx_path, input_size=size, batch=batch)
     return _Source(
         onnx_path=onnx_path, input_size=size,
         reference=lambda: TorchRunner(loaded.model, threads=threads),
@@ -219,9 +220,11 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
     backend = get_backend(profile.target)
     precision = request.precision or profile.precision or "fp32"
     check_precision(backend, precision)
-    if backend.version() is None:
-        raise MissingBackendError(backend.name, backend.name, backend.extra)
     options = resolve_options(backend.name, backend.options, {**profile.options, **request.options}, precision)
+    # emit_only (tensorrt): write what builds the engine elsewhere; the runtime is not needed here.
+    if backend.version() is None and not options.get("emit_only"):
+        reason = getattr(backend, "missing_reason", None)
+        raise DeployError(reason) if reason else MissingBackendError(backend.name, backend.name, backend.extra)
     threads = request.threads or profile.threads or 2
     is_onnx = request.model.endswith(".onnx")
     if is_onnx and backend.name == "torch":
@@ -235,7 +238,7 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
             step("checking the ONNX model")
             source = _from_onnx(Path(request.model), threads)
         else:
-            source = _from_torch(request, Path(work), threads, step)
+            source = _from_torch(request, Path(work), threads, step, getattr(backend, "export_batch", 1))
         step("loading calibration data" if precision == "int8" else "loading verification inputs")
         calib = _calibration(request, precision, source.input_size, request.calib_recipe or profile.calib_recipe,
                              warnings)
@@ -246,9 +249,17 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
             step(f"building {backend.name} {precision}")
             facts = backend.build(source.onnx_path, tmp, config)
             step("verifying against the reference")
-            artifact = Artifact(tmp, {"target": backend.name, "precision": precision, "files": {}, "backend": facts})
-            verification = _verify(source, backend.load(artifact, threads=threads), calib, backend.name, precision,
-                                   warnings)
+            if facts.get("emit_only"):
+                # No engine here: verify the ONNX the engine will be built from, on ONNX Runtime.
+                from deploykit.backends.onnxruntime import OnnxRuntimeRunner
+
+                runner = OnnxRuntimeRunner(tmp / facts["onnx_file"], threads=threads)
+            else:
+                artifact = Artifact(tmp, {"target": backend.name, "precision": precision, "files": {}, "backend": facts})
+                runner = backend.load(artifact, threads=threads)
+            verification = _verify(source, runner, calib, backend.name, precision, warnings)
+            if facts.get("emit_only"):
+                verification["reference"] += "; artifact: emitted ONNX on onnxruntime, no engine built"
             files = sha256_tree(tmp)
             meta = {
                 "schema_version": BUILD_SCHEMA_VERSION,

@@ -30,7 +30,7 @@ fi
 
 for target in onnxruntime openvino mnn; do
   step "build repvgg_a0 (CIFAR variant) for $target int8"
-  $DK build repvgg_a0 --cifar --num-classes 10 --target "$target" --precision int8 "${calib[@]}" \
+  $DK build repvgg_a0 --cifar --num-classes 10 --target "$target" --precision int8 "${calib[@]}" --calib-samples 300 \
     --out "$OUT/repvgg_a0-cifar-$target-int8" --force
   if [ -f "$DATA" ]; then
     # The zoo model is untrained here: top-1 shows the pipeline works, not a trained accuracy.

@@ -122,6 +122,10 @@ def test_int8_artifacts_really_hold_int8(name: str, built) -> None:
     elif name == "mnn":
         assert _size(artifact) < 0.5 * _size(built(name, "fp32"))
         assert _size(built(name, "w8")) < 0.5 * _size(built(name, "fp32"))
+    elif name == "tensorrt":
+        from deploykit.quant.qdq import inspect_qdq
+
+        assert inspect_qdq(artifact.path / "model.int8.onnx").ok
     else:
         pytest.fail(f"no int8 check for target {name}: add one here")
 

@@ -67,11 +67,13 @@ def _logs_to(console: Any) -> Iterator[None]:
 @click.option("--max-drop", type=float, default=None, help="openvino int8: largest top-1 drop (accuracy control).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size for zoo models.")
 @click.option("--cifar", is_flag=True, default=None, help="Zoo model in its CIFAR (32x32) form.")
+@click.option("--emit-only", is_flag=True,
+              help="tensorrt: write the ONNX, calibration summary and trtexec command; build no engine here.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 def build(model: str, target: str, precision: str | None, calib: str | None, calib_recipe: str | None,
           calib_samples: int | None, verify_samples: int, seed: int | None, out: Path | None, threads: int | None,
           options: tuple[str, ...], max_drop: float | None, num_classes: int | None, cifar: bool | None,
-          force: bool) -> None:
+          emit_only: bool, force: bool) -> None:
     """Build a verified artifact for TARGET from MODEL (zoo name, file.py:factory, checkpoint or .onnx).
 
     Fuses, exports, converts or quantizes, then verifies the artifact against the model on
@@ -90,6 +92,8 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
     parsed = _parse_options(options)
     if max_drop is not None:
         parsed["max_drop"] = str(max_drop)
+    if emit_only:
+        parsed["emit_only"] = "true"
     request = BuildRequest(
         model=model, target=target, precision=precision, calib=calib, calib_recipe=calib_recipe,
         calib_samples=calib_samples, out=out, threads=threads, options=parsed, force=force,
@@ -110,6 +114,10 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
         if task is not None:
             progress.update(task, completed=1, total=1)
     _print_build(result.meta, result.path)
+    backend_facts = result.meta.get("backend") or {}
+    if backend_facts.get("emit_only"):
+        click.echo(f"no engine built here; on a machine with TensorRT run: {backend_facts.get('trtexec')}")
+        click.echo(f"(or: cd {result.path} && bash build_engine.sh)")
 
 
 def _print_build(meta: dict[str, Any], path: Path) -> None:
@@ -191,7 +199,8 @@ def targets(as_json: bool) -> None:
         version = backend.version()
         rows.append({"target": name, "available": version is not None, "version": version,
                      "precisions": list(backend.precisions), "install": f"pip install 'deploykit[{backend.extra}]'",
-                     "options": sorted(backend.options)})
+                     "options": sorted(backend.options),
+                     "status": backend.status() if hasattr(backend, "status") else None})
     profiles = []
     for name, path in list_profiles().items():
         try:
@@ -204,11 +213,14 @@ def targets(as_json: bool) -> None:
         click.echo(json.dumps({"targets": rows, "profiles": profiles}, indent=2))
         return
     table = Table(title="targets")
-    for column in ("target", "available", "version", "precisions"):
-        table.add_column(column, no_wrap=column != "available")
+    for column in ("target", "available", "version", "precisions", "note"):
+        table.add_column(column, no_wrap=column != "note")
+    from rich.markup import escape
+
     for r in rows:
-        table.add_row(r["target"], "yes" if r["available"] else f"no: {r['install']}", r["version"] or "-",
-                      ", ".join(r["precisions"]))
+        note = r["status"] or ("" if r["available"] else r["install"])
+        table.add_row(r["target"], "yes" if r["available"] else "no", r["version"] or "-",
+                      ", ".join(r["precisions"]), escape(note))
     console = Console()
     console.print(table)
     ptable = Table(title="profiles (--target NAME; options: targets/NAME.yaml or --json)")
@@ -216,7 +228,7 @@ def targets(as_json: bool) -> None:
         ptable.add_column(column, no_wrap=column != "description")
     for p in profiles:
         if "error" in p:
-            ptable.add_row(p["profile"], "-", "-", f"[red]{p['error']}")
+            ptable.add_row(p["profile"], "-", "-", f"[red]{escape(p['error'])}")
         else:
             ptable.add_row(p["profile"], p["target"], p["precision"] or "-", p["description"])
     console.print(ptable)
