@@ -59,7 +59,7 @@ def conv_term(node: fx.Node, conv: nn.Conv2d, name: str) -> ConvTerm | None:
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
     return ConvTerm(
         input=node.args[0],
-        weight=conv.weight.detach().double().clone(),
+        weight=conv.weight.detach().to(torch.float64, copy=True),
         bias=bias.clone(),
         stride=tuple(conv.stride),
         padding=tuple(conv.padding),
@@ -72,7 +72,7 @@ def conv_term(node: fx.Node, conv: nn.Conv2d, name: str) -> ConvTerm | None:
 def linear_term(node: fx.Node, linear: nn.Linear, name: str) -> ConvTerm:
     bias = linear.bias.detach().double() if linear.bias is not None else torch.zeros(linear.out_features, dtype=torch.float64)
     return ConvTerm(
-        input=node.args[0], weight=linear.weight.detach().double().clone(), bias=bias.clone(), linear=True, sources=[name]
+        input=node.args[0], weight=linear.weight.detach().to(torch.float64, copy=True), bias=bias.clone(), linear=True, sources=[name]
     )
 
 
