@@ -1,0 +1,254 @@
+"""Renders reports/quantization-repvgg-vs-repopt.md from what scripts/quant_report.sh measured.
+
+Reads only the JSON the pipeline wrote under WORK (train.json, pipeline.json, build.json,
+eval JSON, analysis.json, latency JSON); a missing file shows as "not measured", never as a
+number. The only figures computed here are differences of measured ones (drops) and the
+drop chart. Layout of WORK (scripts/quant_report.sh)::
+
+    train/repvgg/            deploykit train          train/repopt/{hs,target}/, pipeline.json
+    build/<m>-<scheme>/      deploykit build          eval/<m>-<scheme>.json   deploykit eval --json
+    analysis/<m>/            deploykit analyze        maxdrop/<m>-<target>/    build --max-drop
+    latency/<m>-<target>.json                         python -m deploykit.quant.latency
+
+    python -m deploykit.quant.report WORK --script scripts/quant_report.sh --out REPORT.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from deploykit.quant.analysis_files import PAPER_KERNEL_STD
+
+MODELS = {"repvgg": "RepVGG-A0 (fused)", "repopt": "RepOpt-VGG-A0"}
+SCHEMES = [  # (eval/build name, backend, scheme)
+    ("onnxruntime-fp32", "onnxruntime", "FP32"),
+    ("onnxruntime-int8-tensor", "onnxruntime", "INT8 per-tensor weights"),
+    ("onnxruntime-int8-channel", "onnxruntime", "INT8 per-channel weights"),
+    ("openvino-int8", "openvino", "INT8 (NNCF PTQ)"),
+    ("mnn-int8", "mnn", "INT8 (MNN quantizer, EMA)"),
+]
+TARGETS = ("onnxruntime", "openvino", "mnn")
+NOT_MEASURED = "not measured"
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _pct(value: float | None) -> str:
+    return NOT_MEASURED if value is None else f"{100 * value:.2f}"
+
+
+def _drop(fp32: float | None, int8: float | None) -> str:
+    return "-" if fp32 is None or int8 is None else f"{100 * (fp32 - int8):+.2f}"
+
+
+def _top1(work: Path, name: str) -> float | None:
+    data = _load(work / "eval" / f"{name}.json")
+    return None if data is None else data["top1"]
+
+
+def _training(work: Path) -> list[str]:
+    lines = ["## Training", "", "| model | stage | epochs | images | time (min) | s / epoch | val top-1 (%) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    runs = [("repvgg", "SGD", work / "train/repvgg/train.json"),
+            ("repopt", "hyper-search (trainable scales)", work / "train/repopt/hs/train.json"),
+            ("repopt", "target, RepOptimizer", work / "train/repopt/target/train.json")]
+    settings = None
+    for model, stage, path in runs:
+        summary = _load(path)
+        if summary is None:
+            lines.append(f"| {MODELS[model]} | {stage} | {NOT_MEASURED} | | | | |")
+            continue
+        settings = settings or summary
+        lines.append(f"| {MODELS[model]} | {stage} | {len(summary['history'])} | {summary['data']['train_images']} | "
+                     f"{summary['train_seconds'] / 60:.1f} | {summary['seconds_per_epoch']:.0f} | "
+                     f"{_pct(summary['final_val_top1'])} |")
+    pipeline = _load(work / "train/repopt/pipeline.json")
+    if pipeline:
+        lines += ["", f"RepOpt-VGG in total (hyper-search + target): {pipeline['total_train_seconds'] / 60:.1f} min."]
+    if settings:
+        c, spec = settings["config"], settings["model"]
+        lines += ["", f"Recipe (both models): width multiplier {spec.get('width', 1.0)} on the A0 layout, "
+                  f"batch {c['batch_size']}, SGD Nesterov momentum {c['momentum']}, lr {c['lr']} cosine to 0 "
+                  f"with {c['warmup_epochs']} warmup epoch(s), weight decay {c['weight_decay']} (conv/linear weights), "
+                  f"label smoothing {c['label_smoothing']}, {settings['augmentation']}, seed {c['seed']}, "
+                  f"{c['threads']} threads, torch {settings['torch']}. Validation: {settings['data']['val']} "
+                  f"({settings['data']['val_images']} images)."]
+    return lines + [""]
+
+
+def _accuracy(work: Path) -> tuple[list[str], dict[str, dict[str, float | None]]]:
+    lines = ["## Top-1 on the CIFAR-10 test split", "",
+             "| model | backend | scheme | top-1 (%) | drop vs PyTorch FP32 (points) |", "|---|---|---|---:|---:|"]
+    table: dict[str, dict[str, float | None]] = {}
+    calibration = None
+    for model, label in MODELS.items():
+        fp32 = _top1(work, f"{model}-torch-fp32")
+        table[model] = {"fp32": fp32}
+        lines.append(f"| {label} | PyTorch | FP32 | {_pct(fp32)} | |")
+        reference = (_load(work / f"analysis/{model}/analysis.json") or {}).get("reference")
+        for key, scheme in (("int8_per_tensor", "INT8 fake-quant, per-tensor weights"),
+                            ("int8_per_channel", "INT8 fake-quant, per-channel weights")):
+            value = reference["top1"][key] if reference else None
+            table[model][f"torch-{key}"] = value
+            lines.append(f"| {label} | PyTorch reference | {scheme} | {_pct(value)} | {_drop(fp32, value)} |")
+        for name, backend, scheme in SCHEMES:
+            value = _top1(work, f"{model}-{name}")
+            table[model][name] = value
+            lines.append(f"| {label} | {backend} | {scheme} | {_pct(value)} | {_drop(fp32, value)} |")
+            build = _load(work / "build" / f"{model}-{name}" / "build.json")
+            calibration = calibration or (build or {}).get("calibration")
+    if calibration:
+        lines += ["", f"Calibration (every INT8 row): {calibration['count']} images from {calibration['source']}, "
+                  f"seed {calibration['seed']}, sha256 {calibration['sha256'][:16]}…; "
+                  "the same tensors for each backend."]
+    return lines + [""], table
+
+
+def _kernels(work: Path) -> list[str]:
+    lines = ["## 3x3 kernel statistics next to the paper's", "",
+             "| kernels | std overall | std centre | std surrounding | centre / surrounding |",
+             "|---|---:|---:|---:|---:|"]
+    for model, label in MODELS.items():
+        analysis = _load(work / f"analysis/{model}/analysis.json")
+        if analysis is None:
+            lines.append(f"| {label} | {NOT_MEASURED} | | | |")
+            continue
+        for key, form in (("kernels_deploy", "deploy form (BN folded, branches merged)"),
+                          ("kernels_train", "train-form 3x3 convs")):
+            k = analysis.get(key)
+            if k:
+                lines.append(f"| {label}, {form} | {k['std']:.4f} | {k['std_centre']:.4f} | {k['std_surround']:.4f} | "
+                             f"{k['std_centre'] / k['std_surround']:.2f} |")
+    for label, (std, centre, surround) in PAPER_KERNEL_STD.items():
+        lines.append(f"| {label} | {std:.4f} | {centre:.4f} | {surround:.4f} | {centre / surround:.2f} |")
+    return lines + ["", "Ours: CIFAR-10, A0 layout at reduced width, std over all 3x3 kernels of the model pooled; "
+                    "the paper: ImageNet-trained B1.", ""]
+
+
+def _diagnosis(work: Path, top: int = 5) -> list[str]:
+    lines = ["## Diagnosis: the layers that hurt most", ""]
+    for model, label in MODELS.items():
+        analysis = _load(work / f"analysis/{model}/analysis.json")
+        if analysis is None:
+            lines += [f"{label}: {NOT_MEASURED}.", ""]
+            continue
+        scheme = "per-channel" if analysis["per_channel"] else "per-tensor"
+        layers = {layer["name"]: layer for layer in analysis["layers"]}
+        lines += [f"**{label}** (each layer quantized alone, {scheme} weights; full table: "
+                  f"`{work}/analysis/{model}/analysis.md`, histograms `weights.png`, `activations.png`):", "",
+                  "| rank | layer | logit SQNR (dB) | top-1 drop (pts) | weight SQNR tensor / channel (dB) | fix |",
+                  "|---:|---|---:|---:|---:|---|"]
+        for rank, name in enumerate(analysis["ranking"][:top], 1):
+            layer = layers[name]
+            lines.append(f"| {rank} | `{name}` | {float(layer['logit_sqnr_db']):.1f} | {layer['top1_drop']:.2f} | "
+                         f"{float(layer['weight_sqnr_tensor_db']):.1f} / "
+                         f"{float(layer['weight_sqnr_channel_db']):.1f} | "
+                         f"{layer['fix_text']} |")
+        lines.append("")
+    return lines
+
+
+def _max_drop(work: Path, table: dict[str, dict[str, float | None]]) -> list[str]:
+    lines = ["## The max-drop fix", "",
+             "| model | backend | plain INT8 (%) | max-drop INT8 (%) | FP32 (%) | gap closed | recipe "
+             "| latency FP32 / INT8 / max-drop (ms) |", "|---|---|---:|---:|---:|---:|---|---|"]
+    plain_name = {"onnxruntime": "onnxruntime-int8-tensor", "openvino": "openvino-int8", "mnn": "mnn-int8"}
+    for model, label in MODELS.items():
+        fp32 = table[model].get("fp32")
+        for target in TARGETS:
+            plain, fixed = table[model].get(plain_name[target]), _top1(work, f"{model}-maxdrop-{target}")
+            build = _load(work / f"maxdrop/{model}-{target}/build.json") or {}
+            found = build.get("max_drop") or {}
+            recipe = found.get("recipe") or {}
+            parts = [k for k in ("equalize", "bias_correction") if recipe.get(k)]
+            if recipe.get("float_layers"):
+                parts.append(f"float: {', '.join(recipe['float_layers'])}")
+            steps = [s["step"] for s in found.get("steps", []) if s.get("adopted")]
+            if steps:
+                parts.append(f"adopted steps: {' → '.join(steps)}")
+            recipe_text = ", ".join(parts) or NOT_MEASURED
+            gap = "-"
+            if None not in (fp32, plain, fixed) and fp32 - plain > 0:
+                gap = f"{100 * (fixed - plain) / (fp32 - plain):.0f}%"
+            rows = _load(work / f"latency/{model}-{target}.json") or []
+            latency = {Path(row["artifact"]).resolve(): row["median_ms"] for row in rows}
+            ms = [latency.get((work / d).resolve()) for d in (f"build/{model}-onnxruntime-fp32",
+                                                              f"build/{model}-{plain_name[target]}",
+                                                              f"maxdrop/{model}-{target}")]
+            ms_text = " / ".join("-" if v is None else f"{v:.3f}" for v in ms)
+            lines.append(f"| {label} | {target} | {_pct(plain)} | {_pct(fixed)} | {_pct(fp32)} | {gap} | "
+                         f"{recipe_text} | {ms_text} |")
+    return lines + ["", "Recipes are chosen on held-out training images (the test split is not used to choose); "
+                    "gap closed = (max-drop - plain) / (FP32 - plain). Latency: batch 1, 2 threads, median of "
+                    "interleaved rounds.", ""]
+
+
+def _chart(table: dict[str, dict[str, float | None]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, _, _ in SCHEMES if n != "onnxruntime-fp32"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    drawn = False
+    for offset, (model, label) in zip((-0.2, 0.2), MODELS.items()):
+        fp32 = table[model].get("fp32")
+        drops = [100 * (fp32 - table[model][n]) if fp32 is not None and table[model].get(n) is not None else 0.0
+                 for n in names]
+        drawn |= any(drops)
+        ax.bar([i + offset for i in range(len(names))], drops, width=0.4, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+    ax.set_ylabel("top-1 drop (points)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def render(work: Path, out: Path, script: Path | None) -> str:
+    accuracy, table = _accuracy(work)
+    chart = out.with_suffix(".png")
+    lines = ["# Quantization: RepVGG vs RepOpt-VGG on CIFAR-10, INT8 on every CPU backend", "",
+             f"Generated by `bash {script or 'scripts/quant_report.sh'}` from the measurements in `{work}`; "
+             "every number below was measured by that run on this machine.", ""]
+    lines += _training(work) + accuracy
+    if _chart(table, chart):
+        lines += [f"![top-1 drop per scheme]({chart.name})", ""]
+    lines += _kernels(work) + _diagnosis(work) + _max_drop(work, table)
+    lines += ["## Checkpoints", "", "Not shipped: `bash scripts/quant_report.sh` regenerates them "
+              f"(`{work}/train/repvgg/model.safetensors`, `{work}/train/repopt/target/model.safetensors`).", ""]
+    if script is not None and script.is_file():
+        lines += ["## Commands", "", "```bash", script.read_text().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploykit.quant.report", description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--script", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not args.work.is_dir():
+        print(f"error: {args.work} does not exist; run scripts/quant_report.sh first", file=sys.stderr)
+        return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = render(args.work, args.out, args.script)
+    from deploykit.files import atomic_file
+
+    with atomic_file(args.out, force=True) as tmp:
+        tmp.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The accuracy-budgeted INT8 loop on tiny models with one planted outlier, with ONNX Runtime."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from deploykit.backends.base import get_backend
+from deploykit.calib import CalibrationSet, Preprocessing
+from deploykit.errors import DeployError, QualityGateError
+from deploykit.quant.max_drop import KNOBS, fix_quantization, layer_nodes
+
+from outlier_models import SIZE, outlier_model
+
+pytest.importorskip("onnxruntime", reason="max-drop builds with ONNX Runtime: pip install 'deploykit[onnxruntime]'")
+
+BUDGET = 1.0  # top-1 points
+
+
+def _calibration(inputs: np.ndarray) -> CalibrationSet:
+    return CalibrationSet(inputs=inputs[:256], preprocessing=Preprocessing(size=SIZE), source="outlier_models",
+                          seed=0, recipe=None, synthetic=False, held_out=inputs[256:320])
+
+
+def _fix(kind: str, **kw):
+    model, inputs, labels = outlier_model(kind)
+    return fix_quantization(model, backend="onnxruntime", calibration=_calibration(inputs),
+                            validation_inputs=inputs[256:], validation_labels=labels[256:], max_drop=BUDGET,
+                            threads=1, **kw)
+
+
+def _steps(result) -> dict[str, object]:
+    return {s.step: s for s in result.steps}
+
+
+def test_per_channel_weights_fix_a_weight_outlier() -> None:
+    result = _fix("weight", base_options={"per_channel": False})
+    steps = _steps(result)
+    assert steps["baseline"].drop_points > 10  # one shared scale crushes conv1's other channels
+    assert steps["per_channel"].adopted and steps["per_channel"].drop_points <= BUDGET
+    assert list(steps) == ["baseline", "per_channel"]  # stops at the first recipe within budget
+    assert result.met and result.options["per_channel"] is True and result.fp32_top1 == 1.0
+    json.dumps(result.to_dict())
+
+
+def test_equalization_fixes_an_activation_outlier() -> None:
+    result = _fix("activation")  # the backend's defaults already use per-channel weights
+    steps = _steps(result)
+    assert steps["baseline"].drop_points > 10
+    assert steps["per_channel"].skipped == "already on"
+    assert steps["equalize"].adopted and steps["equalize"].drop_points <= BUDGET
+    assert result.met and result.recipe.equalize
+    # The returned model is the equalized one the recipe builds from.
+    c1 = result.model.conv1.weight.detach().abs().reshape(8, -1).amax(1)
+    assert float(c1.max() / c1.min()) < 10
+
+
+def test_keeping_the_worst_layer_in_float_or_a_clear_gate() -> None:
+    """An input no rewrite can fix: only float for conv1 recovers it (where the backend allows)."""
+    option = KNOBS["onnxruntime"].float_layers
+    result = _fix("input", max_fp_layers=2)
+    steps = _steps(result)
+    assert steps["baseline"].drop_points > BUDGET
+    if option not in get_backend("onnxruntime").options:
+        assert option in steps["keep_fp"].skipped and not result.met
+        with pytest.raises(QualityGateError, match=f"budget {BUDGET:.2f}"):
+            result.check()
+        pytest.skip(f"the onnxruntime backend has no option {option!r} yet: keep-in-float step reported as skipped")
+    assert steps["keep_fp_1"].recipe["float_layers"] == ["conv1"]
+    assert result.met and result.drop_points <= BUDGET
+
+
+def test_layer_nodes_map_module_names_to_onnx_nodes(tmp_path) -> None:
+    from deploykit.export import export_onnx
+
+    model, _, _ = outlier_model("clean")
+    export_onnx(model, tmp_path / "m.onnx", input_size=SIZE)
+    nodes = layer_nodes(tmp_path / "m.onnx")
+    assert set(nodes) == {"conv1", "conv2", "linear"}
+    assert nodes["conv1"].op_type == "Conv" and nodes["conv1"].input[1] == "conv1.weight"
+
+
+def test_bad_requests_are_clear_errors() -> None:
+    model, inputs, labels = outlier_model("clean", count=300)
+    common = dict(calibration=_calibration(inputs), max_drop=BUDGET)
+    with pytest.raises(DeployError, match="max-drop supports targets"):
+        fix_quantization(model, backend="torch", validation_inputs=inputs, validation_labels=labels, **common)
+    with pytest.raises(DeployError, match="labeled validation samples"):
+        fix_quantization(model, backend="onnxruntime", validation_inputs=inputs[:0], validation_labels=labels[:0],
+                         **common)
+    with pytest.raises(DeployError, match=">= 0 points"):
+        fix_quantization(model, backend="onnxruntime", validation_inputs=inputs, validation_labels=labels,
+                         calibration=common["calibration"], max_drop=-1.0)
