@@ -38,6 +38,10 @@ for target in onnxruntime openvino mnn; do
   fi
 done
 
+step "package the ONNX Runtime artifact as an edge bundle and verify it"
+$DK package "$OUT/repvgg_a0-cifar-onnxruntime-int8" --out "$OUT/repvgg_a0-cifar-onnxruntime-int8.tar.gz" --force
+$DK verify "$OUT/repvgg_a0-cifar-onnxruntime-int8.tar.gz"
+
 step "targets on this machine"
 $DK targets
 printf '\nartifacts are in %s\n' "$OUT"

@@ -100,11 +100,35 @@ class _CtrlCAt(TrainProgress):
             signal.raise_signal(signal.SIGINT)
 
 
-def test_ctrl_c_saves_and_resume_equals_an_uninterrupted_run(data, tmp_path: Path) -> None:
+# The interrupted run gets a real SIGINT, so it runs in its own process: a signal raised
+# inside a pytest-xdist worker can take the worker down with it.
+_CTRL_C_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import test_train as t
+from deploykit.train.data import load_image_set
+from deploykit.train.loop import TrainingInterrupted
+tree, out = sys.argv[2], sys.argv[3]
+data = load_image_set(tree, "train", t.PRE), load_image_set(tree, "test", t.PRE)
+try:
+    t._run(data, __import__("pathlib").Path(out), progress=t._CtrlCAt(1, 2))
+except TrainingInterrupted as err:
+    print(err)
+    sys.exit(err.exit_code)
+"""
+
+
+def test_ctrl_c_saves_and_resume_equals_an_uninterrupted_run(data, tree: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     _run(data, tmp_path / "straight")
-    with pytest.raises(TrainingInterrupted, match="epoch 1 step 2/4.*--resume") as caught:
-        _run(data, tmp_path / "interrupted", progress=_CtrlCAt(1, 2))
-    assert caught.value.exit_code == 130
+    child = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_CHILD, str(Path(__file__).parent), str(tree), str(tmp_path / "interrupted")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert child.returncode == 130, child.stderr[-2000:]
+    assert "epoch 1 step 2/4" in child.stdout and "--resume" in child.stdout
     saved = read_checkpoint(tmp_path / "interrupted" / "checkpoint" / "model.safetensors")[1]
     assert (saved["epoch"], saved["step"]) == (0, 2)
     assert not (tmp_path / "interrupted" / "model.safetensors").exists()
