@@ -123,3 +123,16 @@ def test_model_summary_reports_train_form_and_paper() -> None:
 def test_bad_model_options_are_user_errors(name: str, kw: dict, message: str) -> None:
     with pytest.raises(DeployError, match="^" + re.escape(message)):
         create_model(name, cifar=True, **kw)
+
+
+def test_width_scales_repvgg_and_repopt_for_small_budgets() -> None:
+    """`width` multiplies both width multipliers (the CIFAR training budget uses 0.25)."""
+    from deploykit.models import create_model
+    from deploykit.models.profile import count_params
+
+    for name in ("repvgg_a0", "repopt_vgg_a0", "repopt_vgg_a0_hs"):
+        small = create_model(name, num_classes=10, cifar=True, width=0.25)
+        full = create_model(name, num_classes=10, cifar=True)
+        assert count_params(small) < count_params(full) / 10
+        first_conv = next(m for m in small.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first_conv.out_channels == 12  # min(64, 64 * 0.75 * 0.25)

@@ -31,6 +31,8 @@ OPTIONS = {
                               ("uint8", "int8"), ("int8",)),
     "reduce_range": Option(False, "7-bit weights: avoids u8s8 overflow on x86 CPUs without VNNI",
                            precisions=("int8",)),
+    "nodes_to_exclude": Option("", "comma-separated ONNX node names kept in float (mixed precision)",
+                               precisions=("int8",)),
 }
 
 
@@ -169,6 +171,13 @@ class OnnxRuntimeBackend:
             prepared = Path(tmp) / "prepared.onnx"
             try:
                 quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+                excluded = [n.strip() for n in options["nodes_to_exclude"].split(",") if n.strip()]
+                if excluded:  # ORT ignores unknown names silently; a typo must not pass
+                    import onnx
+
+                    unknown = sorted(set(excluded) - {n.name for n in onnx.load(str(prepared)).graph.node})
+                    if unknown:
+                        raise DeployError(f"option nodes_to_exclude: no node named {', '.join(unknown)} in the model")
                 quantize_static(
                     str(prepared), str(out), reader,
                     quant_format=QuantFormat.QDQ,
@@ -181,6 +190,7 @@ class OnnxRuntimeBackend:
                         "entropy": CalibrationMethod.Entropy,
                         "percentile": CalibrationMethod.Percentile,
                     }[options["calibrate_method"]],
+                    nodes_to_exclude=excluded,
                     extra_options={"ActivationSymmetric": options["symmetric"], "WeightSymmetric": True},
                 )
             except DeployError:

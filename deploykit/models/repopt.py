@@ -100,6 +100,7 @@ class RepOptVGG(nn.Module):
         num_classes: int = 1000,
         mode: str = "target",
         cifar: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -107,7 +108,7 @@ class RepOptVGG(nn.Module):
         self.mode = mode
         self.default_input_size = 32 if cifar else 224
         stages: list[nn.Module] = []
-        for stage_plan in vgg_plan(num_blocks, width_multipliers, cifar):
+        for stage_plan in vgg_plan(num_blocks, (width_multipliers[0] * width, width_multipliers[1] * width), cifar):
             blocks = []
             for i, (in_channels, out_channels, stride) in enumerate(stage_plan):
                 if mode == "target":

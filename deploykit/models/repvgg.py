@@ -98,10 +98,11 @@ class RepVGG(nn.Module):
         num_classes: int = 1000,
         groups: int = 1,
         cifar: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         self.default_input_size = 32 if cifar else 224
-        plan = vgg_plan(num_blocks, width_multipliers, cifar)
+        plan = vgg_plan(num_blocks, (width_multipliers[0] * width, width_multipliers[1] * width), cifar)
         layer = 0
         stages: list[nn.Module] = []
         for stage_plan in plan:
