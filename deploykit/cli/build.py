@@ -64,7 +64,7 @@ def _logs_to(console: Any) -> Iterator[None]:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default 2).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Target option, repeatable; valid keys: `deploykit targets --json`.")
-@click.option("--max-drop", type=float, default=None, help="openvino int8: largest top-1 drop (accuracy control).")
+@click.option("--max-drop", type=float, default=None, help="int8: largest top-1 drop in points (1.0 = one point); openvino: NNCF accuracy control.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size for zoo models.")
 @click.option("--cifar", is_flag=True, default=None, help="Zoo model in its CIFAR (32x32) form.")
 @click.option("--emit-only", is_flag=True,
@@ -91,7 +91,8 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
 
     parsed = _parse_options(options)
     if max_drop is not None:
-        parsed["max_drop"] = str(max_drop)
+        # --max-drop is in top-1 points (1.0 = one point); the backend option is a fraction.
+        parsed["max_drop"] = str(max_drop / 100.0)
     if emit_only:
         parsed["emit_only"] = "true"
     request = BuildRequest(
