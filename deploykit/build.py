@@ -37,7 +37,7 @@ from deploykit import __version__
 from deploykit.backends.base import (
     BUILD_JSON, BUILD_SCHEMA_VERSION, Artifact, BuildConfig, Runner, check_precision, get_backend, resolve_options,
 )
-from deploykit.errors import DeployError, MissingBackendError, QualityGateError
+from deploykit.errors import DeployError, MissingBackendError, QualityGateError, UsageError
 from deploykit.files import atomic_dir, check_writable, sha256_file, sha256_tree
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class BuildRequest:
     cifar: bool | None = None
     verify_samples: int = DEFAULT_VERIFY_SAMPLES
     seed: int | None = None
+    max_drop: float | None = None  # int8: largest top-1 drop in points (1.0 = one point)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,33 @@ def _verify(source: _Source, runner: Runner, calib: Any, target: str, precision:
     }
 
 
+def _fix_quantization(request: BuildRequest, target: str, source: _Source, calib: Any, options: dict[str, Any],
+                      threads: int, work: Path, step: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--max-drop: apply what the diagnosis suggests until the top-1 drop is within budget.
+
+    Scored on the labeled held-out samples. When the chosen recipe rewrote weights (cross-layer
+    equalization, bias correction) the rewritten model is exported and built instead.
+    """
+    from deploykit.export import export_onnx
+    from deploykit.quant.max_drop import fix_quantization
+
+    if source.torch_model is None:
+        raise DeployError("--max-drop needs a PyTorch model (zoo name or checkpoint), not an .onnx file")
+    if getattr(calib, "held_out_labels", None) is None:
+        raise DeployError("--max-drop needs labeled data to score accuracy: --calib DIR with one folder per class")
+    fix = fix_quantization(
+        source.torch_model, backend=target, calibration=calib, validation_inputs=calib.held_out,
+        validation_labels=calib.held_out_labels, max_drop=request.max_drop, base_options=options,
+        threads=threads, input_size=source.input_size, progress=step,
+    )
+    fix.check()  # QualityGateError (exit 3): nothing is written
+    if fix.model is not None and fix.model is not source.torch_model:
+        fixed = work / "model-fixed.onnx"
+        export_onnx(fix.model, fixed, input_size=source.input_size, batch=1)
+        source.onnx_path = fixed
+    return fix.options, fix.to_dict()
+
+
 def build(request: BuildRequest, *, progress: Callable[[str], None] | None = None) -> BuildResult:
     """Run the pipeline for ``request``; ``progress(step)`` is called as each step starts."""
     from deploykit.backends.onnxruntime import onnx_io
@@ -220,7 +248,13 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
     backend = get_backend(profile.target)
     precision = request.precision or profile.precision or "fp32"
     check_precision(backend, precision)
-    options = resolve_options(backend.name, backend.options, {**profile.options, **request.options}, precision)
+    given = {**profile.options, **request.options}
+    if request.max_drop is not None:
+        if precision != "int8":
+            raise UsageError("--max-drop applies to int8 builds")
+        if backend.name == "openvino":  # NNCF's own accuracy control; its max_drop is a fraction
+            given["max_drop"] = request.max_drop / 100.0
+    options = resolve_options(backend.name, backend.options, given, precision)
     # emit_only (tensorrt): write what builds the engine elsewhere; the runtime is not needed here.
     if backend.version() is None and not options.get("emit_only"):
         reason = getattr(backend, "missing_reason", None)
@@ -242,6 +276,10 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
         step("loading calibration data" if precision == "int8" else "loading verification inputs")
         calib = _calibration(request, precision, source.input_size, request.calib_recipe or profile.calib_recipe,
                              warnings)
+        max_drop_meta = None
+        if request.max_drop is not None and backend.name != "openvino":
+            options, max_drop_meta = _fix_quantization(request, backend.name, source, calib, options, threads,
+                                                       Path(work), step)
         config = BuildConfig(precision=precision, threads=threads,
                              calibration=calib if precision == "int8" else None,
                              options=options, source_model=source.torch_model)
@@ -277,6 +315,7 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
                 "calibration": calib.summary() if precision == "int8" else None,
                 # Class names (index = label) when the data is a labeled folder tree.
                 "classes": list(calib.classes) if getattr(calib, "classes", None) else None,
+                "max_drop": max_drop_meta,
                 "backend": facts,
                 "verification": verification,
                 "versions": tool_versions(),

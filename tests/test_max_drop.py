@@ -92,3 +92,27 @@ def test_bad_requests_are_clear_errors() -> None:
     with pytest.raises(DeployError, match=">= 0 points"):
         fix_quantization(model, backend="onnxruntime", validation_inputs=inputs, validation_labels=labels,
                          calibration=common["calibration"], max_drop=-1.0)
+
+
+def test_build_with_max_drop_meets_the_budget_and_records_the_recipe(tmp_path) -> None:
+    """`deploykit build --max-drop` (ORT): the planted input outlier is fixed within budget."""
+    from pathlib import Path
+
+    from deploykit.build import BuildRequest, build
+
+    _, inputs, labels = outlier_model("input")
+    data = tmp_path / "data.npz"
+    np.savez(data, inputs=inputs, labels=labels)
+    factory = tmp_path / "factory.py"
+    factory.write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from outlier_models import outlier_model\n\n"
+        "def make():\n    model = outlier_model('input')[0]\n    model.default_input_size = 8\n    return model\n"
+    )
+    request = BuildRequest(model=f"{factory}:make", target="onnxruntime", precision="int8", calib=str(data),
+                           calib_samples=256, verify_samples=512, out=tmp_path / "artifact", threads=1,
+                           max_drop=BUDGET)
+    meta = build(request).meta
+    assert meta["max_drop"]["met"] and meta["max_drop"]["drop_points"] <= BUDGET
+    assert meta["max_drop"]["steps"][0]["drop_points"] > BUDGET  # the plain INT8 build was over budget
+    assert meta["options"] == meta["max_drop"]["options"]

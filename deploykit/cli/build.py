@@ -64,7 +64,8 @@ def _logs_to(console: Any) -> Iterator[None]:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default 2).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Target option, repeatable; valid keys: `deploykit targets --json`.")
-@click.option("--max-drop", type=float, default=None, help="int8: largest top-1 drop in points (1.0 = one point); openvino: NNCF accuracy control.")
+@click.option("--max-drop", type=float, default=None, help="int8: largest top-1 drop in points (1.0 = one point): openvino uses NNCF accuracy control; "
+                   "onnxruntime/mnn try per-channel, equalization, bias correction, then float layers.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size for zoo models.")
 @click.option("--cifar", is_flag=True, default=None, help="Zoo model in its CIFAR (32x32) form.")
 @click.option("--emit-only", is_flag=True,
@@ -90,15 +91,12 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
     from deploykit.build import BuildRequest, build as run_build
 
     parsed = _parse_options(options)
-    if max_drop is not None:
-        # --max-drop is in top-1 points (1.0 = one point); the backend option is a fraction.
-        parsed["max_drop"] = str(max_drop / 100.0)
     if emit_only:
         parsed["emit_only"] = "true"
     request = BuildRequest(
         model=model, target=target, precision=precision, calib=calib, calib_recipe=calib_recipe,
         calib_samples=calib_samples, out=out, threads=threads, options=parsed, force=force,
-        num_classes=num_classes, cifar=cifar, verify_samples=verify_samples, seed=seed,
+        num_classes=num_classes, cifar=cifar, verify_samples=verify_samples, seed=seed, max_drop=max_drop,
     )
     console = _stderr_console()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
