@@ -80,6 +80,18 @@ def open_evaluable(
     return Evaluable(runner, chosen.preprocessing, description)
 
 
+def labeled_subset(data: str | Path, split: str | None, limit: int | None, seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(source, labels, sorted indices) of a labeled image set; ``limit``: a seeded subset."""
+    source = open_source(data, split)
+    labels = source.labels()
+    if labels is None:
+        raise DeployError(f"{source.description} has no labels: use one folder per class")
+    indices = np.arange(len(source))
+    if limit is not None and limit < len(source):
+        indices = np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False))
+    return source, labels, indices
+
+
 def evaluate(
     evaluable: Evaluable,
     data: str | Path,
@@ -91,13 +103,7 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Top-1 of ``evaluable`` on the labeled images at ``data``; ``limit``: a seeded subset."""
-    source = open_source(data, split)
-    labels = source.labels()
-    if labels is None:
-        raise DeployError(f"{source.description} has no labels: use one folder per class")
-    indices = np.arange(len(source))
-    if limit is not None and limit < len(source):
-        indices = np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False))
+    source, labels, indices = labeled_subset(data, split, limit, seed)
     start = time.perf_counter()
     predicted = np.full(len(source), -1, dtype=np.int64)
     done = 0

@@ -49,12 +49,6 @@ class RewritePlan:
     unfused: list[Unfused]
 
 
-def _channels(node: fx.Node) -> int | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return int(shape[1]) if shape is not None and len(shape) >= 2 else None
-
-
 def _constant(gm: fx.GraphModule, node: object, channels: int) -> torch.Tensor | None:
     """A per-channel constant multiplier as a [channels] float64 tensor, or None."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):

@@ -108,7 +108,7 @@ class RepOptVGG(nn.Module):
         self.mode = mode
         self.default_input_size = 32 if cifar else 224
         stages: list[nn.Module] = []
-        for stage_plan in vgg_plan(num_blocks, (width_multipliers[0] * width, width_multipliers[1] * width), cifar):
+        for stage_plan in vgg_plan(num_blocks, width_multipliers, cifar, width):
             blocks = []
             for i, (in_channels, out_channels, stride) in enumerate(stage_plan):
                 if mode == "target":

@@ -42,14 +42,15 @@ GROUPWISE_LAYERS = tuple(range(2, 27, 2))
 
 
 def vgg_plan(
-    num_blocks: tuple[int, ...], width_multipliers: tuple[float, float], cifar: bool
+    num_blocks: tuple[int, ...], width_multipliers: tuple[float, float], cifar: bool, width: float = 1.0
 ) -> list[list[tuple[int, int, int]]]:
     """(in_channels, out_channels, stride) of every block, grouped by stage, stage0 first.
 
     Widths are min(64, 64a) for stage0, then 64a, 128a, 256a and 512b; the first block of
-    every stage has stride 2 (CIFAR: stride 1 for stage0 and stage1).
+    every stage has stride 2 (CIFAR: stride 1 for stage0 and stage1). ``width`` scales both
+    multipliers (small CIFAR training budgets).
     """
-    a, b = width_multipliers
+    a, b = width_multipliers[0] * width, width_multipliers[1] * width
     widths = (int(64 * a), int(128 * a), int(256 * a), int(512 * b))
     strides = (1, 1, 2, 2, 2) if cifar else (2, 2, 2, 2, 2)
     in_channels = min(64, int(64 * a))
@@ -102,7 +103,7 @@ class RepVGG(nn.Module):
     ) -> None:
         super().__init__()
         self.default_input_size = 32 if cifar else 224
-        plan = vgg_plan(num_blocks, (width_multipliers[0] * width, width_multipliers[1] * width), cifar)
+        plan = vgg_plan(num_blocks, width_multipliers, cifar, width)
         layer = 0
         stages: list[nn.Module] = []
         for stage_plan in plan:

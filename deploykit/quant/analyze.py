@@ -30,8 +30,8 @@ from torch import nn
 
 from deploykit.errors import DeployError
 from deploykit.quant.fakequant import (
-    ActRange, FakeQuantLayer, as_batches, calibrate_ranges, fake_quant_activation, fake_quant_weight, fake_quantize,
-    predict, quantizable_layers, set_submodule, sqnr_db,
+    ActRange, FakeQuantLayer, calibrate_ranges, fake_quant_activation, fake_quant_weight, fake_quantize,
+    observe_inputs, predict, quantizable_layers, set_submodule, sqnr_db,
 )
 
 # Thresholds of the suggestions. Uniform int8 on a Gaussian with max/std = 4 gives ~41 dB;
@@ -183,13 +183,7 @@ def _activation_figures(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(observe(n)) for n, m in quantizable_layers(model).items()]
-    try:
-        for batch in as_batches(inputs, batch_size):
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_inputs(model, quantizable_layers(model), observe, inputs, batch_size)
     figures = {}
     for name in signal:
         peak = channel_max[name]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from deploykit.errors import DeployError, FusionError
-from deploykit.quant.fakequant import as_batches, fake_quant_weight, quantizable_layers
+from deploykit.quant.fakequant import fake_quant_weight, observe_inputs, quantizable_layers
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +138,7 @@ def correct_bias(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(observe(n)) for n, m in layers.items()]
-    try:
-        for batch in as_batches(calibration, batch_size):
-            result(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_inputs(result, layers, observe, calibration, batch_size)
     largest = 0.0
     for name, module in layers.items():
         shift = (sums[name] / counts[name]).to(module.bias.dtype)

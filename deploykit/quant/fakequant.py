@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,24 @@ def as_batches(inputs: Any, batch_size: int) -> Iterable[torch.Tensor]:
 
 
 @torch.no_grad()
+def observe_inputs(
+    model: nn.Module, layers: dict[str, nn.Module], observe: Callable[[str], Callable[..., None]],
+    inputs: Any, batch_size: int,
+) -> None:
+    """Run ``inputs`` through ``model`` (eval mode) with ``observe(name)`` as each layer's pre-hook."""
+    handles = [m.register_forward_pre_hook(observe(name)) for name, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in as_batches(inputs, batch_size):
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
 def calibrate_ranges(model: nn.Module, inputs: Any, *, batch_size: int = 64) -> dict[str, ActRange]:
     """MinMax range of each quantizable layer's input over ``inputs`` (N, C, H, W)."""
     if len(inputs) == 0:
@@ -112,16 +130,7 @@ def calibrate_ranges(model: nn.Module, inputs: Any, *, batch_size: int = 64) -> 
 
         return hook
 
-    handles = [m.register_forward_pre_hook(observe(name)) for name, m in quantizable_layers(model).items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in as_batches(inputs, batch_size):
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    observe_inputs(model, quantizable_layers(model), observe, inputs, batch_size)
     return {name: ActRange(low[name], high[name]) for name in low}
 
 
@@ -187,15 +196,9 @@ def reference_top1(
 ) -> dict[str, Any]:
     """Top-1 on a labeled split of the FP32 model and of its fake-quantized INT8 references
     (per-tensor and per-channel weights), calibrated on ``calibration``: the report's PyTorch rows."""
-    from deploykit.calib import open_source
+    from deploykit.evaluate import labeled_subset
 
-    source = open_source(data, split)
-    labels = source.labels()
-    if labels is None:
-        raise DeployError(f"{source.description} has no labels: use one folder per class")
-    indices = np.arange(len(source))
-    if limit is not None and limit < len(source):
-        indices = np.sort(np.random.default_rng(0).choice(len(source), size=limit, replace=False))
+    source, labels, indices = labeled_subset(data, split, limit, seed=0)
     ranges = calibrate_ranges(model, calibration)
     models = {
         "fp32": model.eval(),

@@ -38,7 +38,7 @@ def latency_plot(report: LatencyReport, out: Path) -> bool:
     fig = _figure(len(rows))
     ax = fig.add_subplot()
     for i, row in enumerate(rows):
-        c, s = row["config"], row["summary"]
+        s = row["summary"]
         ax.errorbar(s["median_ms"], i, xerr=[[s["median_ms"] - s["ci_low_ms"]], [s["ci_high_ms"] - s["median_ms"]]],
                     fmt="o", color=colour[device_label(row["device"])], capsize=3,
                     mfc="none" if s["unstable"] else None)
