@@ -52,7 +52,7 @@ SEC_PER_EPOCH_REPOPT_HS=${SEC_PER_EPOCH_REPOPT_HS:-151}
 SEC_PER_EPOCH_REPOPT=${SEC_PER_EPOCH_REPOPT:-110}
 IMAGES=${LIMIT:-50000}
 TRAIN_S=$(( (EPOCHS * SEC_PER_EPOCH_REPVGG + HS_EPOCHS * SEC_PER_EPOCH_REPOPT_HS + EPOCHS * SEC_PER_EPOCH_REPOPT) * IMAGES / 50000 ))
-REST_S=2400  # 2 models: 10 builds, 18 test-split evals, 2 analyses, 6 max-drop searches, latency
+REST_S=2700  # 2 models: 14 builds, 22 test-split evals, 2 analyses, 6 max-drop searches, latency
 echo "estimated duration: $(( (TRAIN_S + REST_S) / 60 )) min (training $(( TRAIN_S / 60 )) min) on 2 CPU cores" >&2
 
 LIMIT_ARGS=()
@@ -83,7 +83,9 @@ BUILDS=(
   "onnxruntime-fp32|onnxruntime|fp32|"
   "onnxruntime-int8-tensor|onnxruntime|int8|per_channel=false"
   "onnxruntime-int8-channel|onnxruntime|int8|per_channel=true"
+  "openvino-fp32|openvino|fp32|"
   "openvino-int8|openvino|int8|"
+  "mnn-fp32|mnn|fp32|"
   "mnn-int8|mnn|int8|"
 )
 evaluate() {  # SUBJECT NAME: top-1 on the whole test split
@@ -123,14 +125,17 @@ for m in repvgg repopt; do
     out=$WORK/maxdrop/$m-$target
     opts=()
     [[ -n "$option" ]] && opts=(--option "$option")
-    [[ -f $out/build.json ]] || $DK build "${CKPT[$m]}" --target "$target" --precision int8 "${CALIB[@]}" \
-      --verify-samples "$VERIFY_SAMPLES" --max-drop "$MAX_DROP" --threads "$THREADS" "${opts[@]}" --out "$out" \
-      || echo "max-drop $m $target: no recipe within budget (exit $?), recorded in the report" >&2
+    # No recipe within budget: exit 3 and no artifact; the one-line reason goes into the report.
+    if [[ ! -f $out/build.json && ! -f $out.failed ]]; then
+      $DK build "${CKPT[$m]}" --target "$target" --precision int8 "${CALIB[@]}" --verify-samples "$VERIFY_SAMPLES" \
+        --max-drop "$MAX_DROP" --threads "$THREADS" "${opts[@]}" --out "$out" 2> "$out.log" \
+        || { grep '^error' "$out.log" | tail -1 > "$out.failed"; echo "max-drop $m $target: $(cat "$out.failed")" >&2; }
+    fi
     [[ -f $out/build.json ]] && evaluate "$out" "$m-maxdrop-$target"
   done
   for target in onnxruntime openvino mnn; do
     group=()
-    for dir in "$WORK/build/$m-onnxruntime-fp32" "$WORK/build/$m-$target-int8"* "$WORK/maxdrop/$m-$target"; do
+    for dir in "$WORK/build/$m-$target-fp32" "$WORK/build/$m-$target-int8"* "$WORK/maxdrop/$m-$target"; do
       [[ -f $dir/build.json ]] && group+=("$dir")
     done
     [[ -f $WORK/latency/$m-$target.json ]] || $PY -m deploykit.quant.latency "$WORK/latency/$m-$target.json" \

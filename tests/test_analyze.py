@@ -169,7 +169,15 @@ def test_report_renders_measured_numbers_and_marks_the_rest(tmp_path: Path) -> N
     model, inputs, labels = outlier_model("weight")
     result = analyze(model, inputs[:128], inputs[128:256], labels=labels[128:256], per_channel=False, name="repvgg")
     (work / "analysis" / "repvgg" / "analysis.json").write_text(json.dumps(result.to_dict()))
+    (work / "analysis" / "repvgg" / "weights.png").write_bytes(b"\x89PNG histogram")
+    (work / "maxdrop").mkdir()
+    (work / "maxdrop" / "repvgg-mnn.failed").write_text("error: mnn int8 loses 9.10 top-1 points\n")
     text = render(work, tmp_path / "report.md", None)
+    # WORK is not committed: the analysis files are copied beside the report and linked from it.
+    assert (tmp_path / "report" / "repvgg-weights.png").read_bytes() == b"\x89PNG histogram"
+    assert "[repvgg-weights.png](report/repvgg-weights.png)" in text
+    # A max-drop build that found no recipe within budget leaves no artifact, only its reason.
+    assert "no recipe within budget (error: mnn int8 loses 9.10 top-1 points)" in text
     assert "| RepVGG-A0 (fused) | PyTorch | FP32 | 87.65 | |" in text
     assert "| RepVGG-A0 (fused) | onnxruntime | INT8 per-tensor weights | 54.32 | +33.33 |" in text
     assert f"| RepOpt-VGG-A0 | onnxruntime | INT8 per-channel weights | {NOT_MEASURED} | - |" in text

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ SCHEMES = [  # (eval/build name, backend, scheme)
     ("onnxruntime-fp32", "onnxruntime", "FP32"),
     ("onnxruntime-int8-tensor", "onnxruntime", "INT8 per-tensor weights"),
     ("onnxruntime-int8-channel", "onnxruntime", "INT8 per-channel weights"),
+    ("openvino-fp32", "openvino", "FP32"),
     ("openvino-int8", "openvino", "INT8 (NNCF PTQ)"),
+    ("mnn-fp32", "mnn", "FP32"),
     ("mnn-int8", "mnn", "INT8 (MNN quantizer, EMA)"),
 ]
 TARGETS = ("onnxruntime", "openvino", "mnn")
@@ -133,7 +136,21 @@ def _kernels(work: Path) -> list[str]:
                     "the paper: ImageNet-trained B1.", ""]
 
 
-def _diagnosis(work: Path, top: int = 5) -> list[str]:
+def _copy_analysis(work: Path, folder: Path) -> dict[str, list[str]]:
+    """The per-model analysis files beside the report (WORK is not committed); returns relative paths."""
+    copied: dict[str, list[str]] = {}
+    for model in MODELS:
+        for name in ("analysis.md", "weights.png", "activations.png"):
+            src = work / f"analysis/{model}/{name}"
+            if src.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                dst = folder / f"{model}-{name}"
+                shutil.copyfile(src, dst)
+                copied.setdefault(model, []).append(f"{folder.name}/{dst.name}")
+    return copied
+
+
+def _diagnosis(work: Path, copied: dict[str, list[str]], top: int = 5) -> list[str]:
     lines = ["## Diagnosis: the layers that hurt most", ""]
     for model, label in MODELS.items():
         analysis = _load(work / f"analysis/{model}/analysis.json")
@@ -142,8 +159,9 @@ def _diagnosis(work: Path, top: int = 5) -> list[str]:
             continue
         scheme = "per-channel" if analysis["per_channel"] else "per-tensor"
         layers = {layer["name"]: layer for layer in analysis["layers"]}
-        lines += [f"**{label}** (each layer quantized alone, {scheme} weights; full table: "
-                  f"`{work}/analysis/{model}/analysis.md`, histograms `weights.png`, `activations.png`):", "",
+        files = ", ".join(f"[{Path(f).name}]({f})" for f in copied.get(model, []))
+        lines += [f"**{label}** (each layer quantized alone, {scheme} weights; full analysis and histograms: "
+                  f"{files or NOT_MEASURED}):", "",
                   "| rank | layer | logit SQNR (dB) | top-1 drop (pts) | weight SQNR tensor / channel (dB) | fix |",
                   "|---:|---|---:|---:|---:|---|"]
         for rank, name in enumerate(analysis["ranking"][:top], 1):
@@ -174,13 +192,16 @@ def _max_drop(work: Path, table: dict[str, dict[str, float | None]]) -> list[str
             steps = [s["step"] for s in found.get("steps", []) if s.get("adopted")]
             if steps:
                 parts.append(f"adopted steps: {' → '.join(steps)}")
+            failed = work / f"maxdrop/{model}-{target}.failed"
+            if not build and failed.is_file():
+                parts.append(f"no recipe within budget ({failed.read_text().strip() or 'see the build log'})")
             recipe_text = ", ".join(parts) or NOT_MEASURED
             gap = "-"
             if None not in (fp32, plain, fixed) and fp32 - plain > 0:
                 gap = f"{100 * (fixed - plain) / (fp32 - plain):.0f}%"
             rows = _load(work / f"latency/{model}-{target}.json") or []
             latency = {Path(row["artifact"]).resolve(): row["median_ms"] for row in rows}
-            ms = [latency.get((work / d).resolve()) for d in (f"build/{model}-onnxruntime-fp32",
+            ms = [latency.get((work / d).resolve()) for d in (f"build/{model}-{target}-fp32",
                                                               f"build/{model}-{plain_name[target]}",
                                                               f"maxdrop/{model}-{target}")]
             ms_text = " / ".join("-" if v is None else f"{v:.3f}" for v in ms)
@@ -197,7 +218,7 @@ def _chart(table: dict[str, dict[str, float | None]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, _, _ in SCHEMES if n != "onnxruntime-fp32"]
+    names = [n for n, _, _ in SCHEMES if not n.endswith("-fp32")]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     drawn = False
     for offset, (model, label) in zip((-0.2, 0.2), MODELS.items()):
@@ -224,7 +245,8 @@ def render(work: Path, out: Path, script: Path | None) -> str:
     lines += _training(work) + accuracy
     if _chart(table, chart):
         lines += [f"![top-1 drop per scheme]({chart.name})", ""]
-    lines += _kernels(work) + _diagnosis(work) + _max_drop(work, table)
+    copied = _copy_analysis(work, out.with_suffix(""))
+    lines += _kernels(work) + _diagnosis(work, copied) + _max_drop(work, table)
     lines += ["## Checkpoints", "", "Not shipped: `bash scripts/quant_report.sh` regenerates them "
               f"(`{work}/train/repvgg/model.safetensors`, `{work}/train/repopt/target/model.safetensors`).", ""]
     if script is not None and script.is_file():
