@@ -165,6 +165,8 @@ def test_report_renders_measured_numbers_and_marks_the_rest(tmp_path: Path) -> N
     (work / "eval").mkdir(parents=True)
     (work / "eval" / "repvgg-torch-fp32.json").write_text(json.dumps({"top1": 0.8765}))
     (work / "eval" / "repvgg-onnxruntime-int8-tensor.json").write_text(json.dumps({"top1": 0.5432}))
+    (work / "eval" / "repopt-torch-fp32.json").write_text(json.dumps({"top1": 0.88}))
+    (work / "eval" / "repopt-onnxruntime-int8-tensor.json").write_text(json.dumps({"top1": 0.87}))
     (work / "analysis" / "repvgg").mkdir(parents=True)
     model, inputs, labels = outlier_model("weight")
     result = analyze(model, inputs[:128], inputs[128:256], labels=labels[128:256], per_channel=False, name="repvgg")
@@ -178,6 +180,9 @@ def test_report_renders_measured_numbers_and_marks_the_rest(tmp_path: Path) -> N
     assert "[repvgg-weights.png](report/repvgg-weights.png)" in text
     # A max-drop build that found no recipe within budget leaves no artifact, only its reason.
     assert "no recipe within budget (error: mnn int8 loses 9.10 top-1 points)" in text
+    # The verdict is computed from the drops: +33.33 vs +1.00 points.
+    assert "INT8 per-tensor weights: drop RepVGG +33.33, RepOpt-VGG +1.00 points: RepVGG loses more." in text
+    assert "appears in 1 of 1 INT8 schemes" in text and "not reached with this budget" in text
     assert "| RepVGG-A0 (fused) | PyTorch | FP32 | 87.65 | |" in text
     assert "| RepVGG-A0 (fused) | onnxruntime | INT8 per-tensor weights | 54.32 | +33.33 |" in text
     assert f"| RepOpt-VGG-A0 | onnxruntime | INT8 per-channel weights | {NOT_MEASURED} | - |" in text

@@ -23,9 +23,9 @@ def _calibration(inputs: np.ndarray) -> CalibrationSet:
                           seed=0, recipe=None, synthetic=False, held_out=inputs[256:320])
 
 
-def _fix(kind: str, **kw):
+def _fix(kind: str, backend: str = "onnxruntime", **kw):
     model, inputs, labels = outlier_model(kind)
-    return fix_quantization(model, backend="onnxruntime", calibration=_calibration(inputs),
+    return fix_quantization(model, backend=backend, calibration=_calibration(inputs),
                             validation_inputs=inputs[256:], validation_labels=labels[256:], max_drop=BUDGET,
                             threads=1, **kw)
 
@@ -56,17 +56,20 @@ def test_equalization_fixes_an_activation_outlier() -> None:
     assert float(c1.max() / c1.min()) < 10
 
 
-def test_keeping_the_worst_layer_in_float_or_a_clear_gate() -> None:
+@pytest.mark.parametrize("backend", ["onnxruntime", "mnn"])
+def test_keeping_the_worst_layer_in_float_or_a_clear_gate(backend: str) -> None:
     """An input no rewrite can fix: only float for conv1 recovers it (where the backend allows)."""
-    option = KNOBS["onnxruntime"].float_layers
-    result = _fix("input", max_fp_layers=2)
+    if get_backend(backend).version() is None:
+        pytest.skip(f"{backend} is not installed: pip install 'deploykit[{backend}]'")
+    option = KNOBS[backend].float_layers
+    result = _fix("input", backend, max_fp_layers=2)
     steps = _steps(result)
     assert steps["baseline"].drop_points > BUDGET
-    if option not in get_backend("onnxruntime").options:
-        assert option in steps["keep_fp"].skipped and not result.met
+    if option is None or option not in get_backend(backend).options:
+        assert (KNOBS[backend].why_no_float or option) in steps["keep_fp"].skipped and not result.met
         with pytest.raises(QualityGateError, match=f"budget {BUDGET:.2f}"):
             result.check()
-        pytest.skip(f"the onnxruntime backend has no option {option!r} yet: keep-in-float step reported as skipped")
+        return  # the keep-in-float step is reported as skipped with the reason, and the budget gate holds
     assert steps["keep_fp_1"].recipe["float_layers"] == ["conv1"]
     assert result.met and result.drop_points <= BUDGET
 

@@ -43,13 +43,17 @@ class Knobs:
     bias_correction: tuple[str, Any] | None  # the backend's own full bias correction; None: deploykit's
     float_layers: str | None  # option taking comma-separated op names kept in float; None: not possible
     op_name: Callable[[Any], str] = lambda node: node.name  # ONNX Conv/Gemm NodeProto -> the option's name
+    why_no_float: str | None = None  # when float_layers is None: the reason, for the report
 
 
 KNOBS: dict[str, Knobs] = {
     "onnxruntime": Knobs(("per_channel", True), None, "nodes_to_exclude"),
     "openvino": Knobs(None, ("fast_bias_correction", False), "ignored_scope", _openvino_op_name),
-    # MNN's quantizer: MAX_ABS weights are per channel; skip_quant_op_names takes op (= ONNX output) names.
-    "mnn": Knobs(None, None, "skip_quant_op_names", lambda node: node.output[0]),
+    # MNN's quantizer: MAX_ABS weights are per channel. Its skip_quant_op_names is read only by the
+    # KL/ADMM path; the EMA path (NN::turnQuantize on the whole graph) quantizes every conv regardless
+    # (measured with MNN 3.x: the same top-1 with and without it).
+    "mnn": Knobs(None, None, None, why_no_float="MNN's EMA quantizer (the one that runs here; KL and ADMM crash) "
+                 "ignores skip_quant_op_names and quantizes every layer"),
 }
 DEFAULT_MAX_FP_LAYERS = 4
 
@@ -279,7 +283,8 @@ def fix_quantization(
         if not done:
             if knobs.float_layers is None or knobs.float_layers not in target.options:
                 attempt("keep_fp", "worst layers in float", None,
-                        skipped=f"target {backend} has no option {knobs.float_layers!r} to keep layers in float")
+                        skipped=knobs.why_no_float
+                        or f"target {backend} has no option {knobs.float_layers!r} to keep layers in float")
             else:
                 per_channel = per_channel_weights(best, knobs)
                 rewritten, _ = trial.rewritten(best, per_channel)
