@@ -44,12 +44,12 @@ VERIFY_SAMPLES=${VERIFY_SAMPLES:-1000}  # held-out train images the max-drop loo
 EVAL_LIMIT=${EVAL_LIMIT:-}              # empty: the whole test split (10,000 images)
 ANALYZE_SAMPLES=${ANALYZE_SAMPLES:-1000}  # held-out train images the per-layer diagnosis is measured on
 
-# Seconds per epoch (50,000 images + validation on 10,000) at WIDTH 0.25, 2 threads, measured
-# with deploykit's loop on this 2-core EPYC at load average ~1.7 (warm epoch on a 1,280-image
-# slice, extrapolated); only for the estimate printed below. Expect more under heavier load.
-SEC_PER_EPOCH_REPVGG=${SEC_PER_EPOCH_REPVGG:-125}
-SEC_PER_EPOCH_REPOPT_HS=${SEC_PER_EPOCH_REPOPT_HS:-151}
-SEC_PER_EPOCH_REPOPT=${SEC_PER_EPOCH_REPOPT:-110}
+# Seconds per epoch (50,000 images + validation on 10,000) at WIDTH 0.25, 2 threads, as measured
+# by the run behind reports/quantization-repvgg-vs-repopt.md on this 2-core EPYC (see its training
+# table); only for the estimate printed below. Expect more under heavier load.
+SEC_PER_EPOCH_REPVGG=${SEC_PER_EPOCH_REPVGG:-155}
+SEC_PER_EPOCH_REPOPT_HS=${SEC_PER_EPOCH_REPOPT_HS:-124}
+SEC_PER_EPOCH_REPOPT=${SEC_PER_EPOCH_REPOPT:-88}
 IMAGES=${LIMIT:-50000}
 TRAIN_S=$(( (EPOCHS * SEC_PER_EPOCH_REPVGG + HS_EPOCHS * SEC_PER_EPOCH_REPOPT_HS + EPOCHS * SEC_PER_EPOCH_REPOPT) * IMAGES / 50000 ))
 REST_S=2700  # 2 models: 14 builds, 22 test-split evals, 2 analyses, 6 max-drop searches, latency
@@ -62,7 +62,7 @@ WIDTH_ARGS=()
 EVAL_ARGS=()
 [[ -n "$EVAL_LIMIT" ]] && EVAL_ARGS=(--limit "$EVAL_LIMIT")
 CALIB=(--calib "$DATA" --calib-samples "$CALIB_SAMPLES" --seed "$SEED")
-mkdir -p "$WORK"/{eval,latency}
+mkdir -p "$WORK"/{eval,latency,maxdrop}
 
 # --- 1. training ------------------------------------------------------------------------
 train() {  # NAME ARGS...: start, resume, or skip a finished run

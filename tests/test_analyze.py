@@ -174,12 +174,16 @@ def test_report_renders_measured_numbers_and_marks_the_rest(tmp_path: Path) -> N
     (work / "analysis" / "repvgg" / "weights.png").write_bytes(b"\x89PNG histogram")
     (work / "maxdrop").mkdir()
     (work / "maxdrop" / "repvgg-mnn.failed").write_text("error: mnn int8 loses 9.10 top-1 points\n")
+    (work / "maxdrop" / "repvgg-openvino").mkdir()
+    (work / "maxdrop" / "repvgg-openvino" / "build.json").write_text(
+        json.dumps({"backend": {"accuracy_control": {"max_drop": 0.01, "samples": 1000}}}))
     text = render(work, tmp_path / "report.md", None)
     # WORK is not committed: the analysis files are copied beside the report and linked from it.
     assert (tmp_path / "report" / "repvgg-weights.png").read_bytes() == b"\x89PNG histogram"
     assert "[repvgg-weights.png](report/repvgg-weights.png)" in text
     # A max-drop build that found no recipe within budget leaves no artifact, only its reason.
     assert "no recipe within budget (error: mnn int8 loses 9.10 top-1 points)" in text
+    assert "NNCF quantize_with_accuracy_control, max_drop 0.01 on 1000 held-out images" in text
     # The verdict is computed from the drops: +33.33 vs +1.00 points.
     assert "INT8 per-tensor weights: drop RepVGG +33.33, RepOpt-VGG +1.00 points: RepVGG loses more." in text
     assert "appears in 1 of 1 INT8 schemes" in text and "not reached with this budget" in text

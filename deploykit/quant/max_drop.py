@@ -108,9 +108,11 @@ class FixResult:
         """Raise QualityGateError (exit 3) when no recipe met the budget."""
         if not self.met:
             tried = ", ".join(s.step for s in self.steps if s.skipped is None)
+            no_float = next((s.skipped for s in self.steps if s.step == "keep_fp" and s.skipped), None)
+            advice = f"raise --max-drop ({no_float})" if no_float else "raise --max-drop or keep more layers in float"
             raise QualityGateError(
                 f"{self.backend} int8 loses {self.drop_points:.2f} top-1 points after trying {tried}; "
-                f"budget {self.max_drop_points:.2f}: raise --max-drop or keep more layers in float"
+                f"budget {self.max_drop_points:.2f}: {advice}"
             )
 
 
