@@ -2,7 +2,8 @@
 # Regenerates reports/quantization-repvgg-vs-repopt.md (issue #6) from scratch, on this machine:
 #   1. train RepVGG-A0 and RepOpt-VGG-A0 (hyper-search, scales, RepOptimizer) on CIFAR-10 with
 #      the same recipe and epochs, at a reduced width;
-#   2. fuse; build FP32 and INT8 artifacts on every CPU backend from ONE calibration set;
+#   2. fuse; build FP32 and INT8 artifacts on every CPU backend from ONE calibration set (and
+#      TensorRT's Q/DQ ONNX, evaluated on ONNX Runtime: no TensorRT here);
 #   3. top-1 of each on the CIFAR-10 test split; per-layer diagnosis (deploykit analyze);
 #   4. the accuracy-budgeted fix (deploykit build --max-drop) and its latency cost;
 #   5. render the Markdown from the JSON written above (deploykit/quant/report.py): no number
@@ -52,7 +53,7 @@ SEC_PER_EPOCH_REPOPT_HS=${SEC_PER_EPOCH_REPOPT_HS:-124}
 SEC_PER_EPOCH_REPOPT=${SEC_PER_EPOCH_REPOPT:-88}
 IMAGES=${LIMIT:-50000}
 TRAIN_S=$(( (EPOCHS * SEC_PER_EPOCH_REPVGG + HS_EPOCHS * SEC_PER_EPOCH_REPOPT_HS + EPOCHS * SEC_PER_EPOCH_REPOPT) * IMAGES / 50000 ))
-REST_S=2700  # 2 models: 14 builds, 22 test-split evals, 2 analyses, 6 max-drop searches, latency
+REST_S=2700  # 2 models: 16 builds, 24 test-split evals, 2 analyses, 6 max-drop searches, latency
 echo "estimated duration: $(( (TRAIN_S + REST_S) / 60 )) min (training $(( TRAIN_S / 60 )) min) on 2 CPU cores" >&2
 
 LIMIT_ARGS=()
@@ -107,6 +108,12 @@ for m in repvgg repopt; do
       --threads "$THREADS" "${opts[@]}" --out "$out"
     evaluate "$out" "$m-$name"
   done
+  # TensorRT cannot be installed here: its explicit Q/DQ ONNX (what an engine is built from, same
+  # calibration) is evaluated on ONNX Runtime; no engine is built or timed.
+  out=$WORK/build/$m-tensorrt-int8-qdq
+  [[ -f $out/build.json ]] || $DK build "${CKPT[$m]}" --target tensorrt --precision int8 --emit-only "${CALIB[@]}" \
+    --threads "$THREADS" --out "$out"
+  evaluate "$out/model.int8.onnx" "$m-tensorrt-int8-qdq"
 done
 
 # --- 3. diagnosis -----------------------------------------------------------------------------

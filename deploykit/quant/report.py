@@ -34,6 +34,8 @@ SCHEMES = [  # (eval/build name, backend, scheme)
     ("openvino-int8", "openvino", "INT8 (NNCF PTQ)"),
     ("mnn-fp32", "mnn", "FP32"),
     ("mnn-int8", "mnn", "INT8 (MNN quantizer, EMA)"),
+    ("tensorrt-int8-qdq", "tensorrt (Q/DQ ONNX run on onnxruntime; no engine)",
+     "INT8 explicit Q/DQ, symmetric, per-channel weights"),
 ]
 TARGETS = ("onnxruntime", "openvino", "mnn")
 NOT_MEASURED = "not measured"
