@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,19 @@ def _nvidia_driver() -> str | None:
     return out.strip().splitlines()[0] if out.strip() else None
 
 
+def _nvidia_device_present() -> bool:
+    """An NVIDIA kernel driver is loaded; without one there is no CUDA device to ask torch about."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
 def gpus() -> list[dict[str, Any]]:
-    """CUDA devices as torch sees them; empty without torch or without a GPU."""
+    """CUDA devices as torch sees them; empty without torch or without a GPU.
+
+    torch is imported only where an NVIDIA driver is loaded (or torch already is), so that
+    fingerprinting an ``.onnx`` build on a CPU machine does not pay for importing it.
+    """
+    if "torch" not in sys.modules and not _nvidia_device_present():
+        return []
     try:
         import torch
     except ImportError:
