@@ -59,16 +59,14 @@ def probed_repvgg(train_x: np.ndarray, train_y: np.ndarray) -> torch.nn.Module:
     """Fused RepVGG-A0, random conv weights, classifier fitted on its pooled features."""
     from deploykit.fuse import reparameterize
     from deploykit.models import create_model
+    from deploykit.quant.fakequant import observe_inputs
 
     torch.manual_seed(0)
     model = reparameterize(create_model("repvgg_a0", num_classes=10, cifar=True).eval(),
                            input_shape=(1, 3, 32, 32), check=False).model
     captured = []
-    hook = model.linear.register_forward_hook(lambda m, args, out: captured.append(args[0].detach()))
-    with torch.inference_mode():
-        for start in range(0, len(train_x), 250):
-            model(torch.from_numpy(train_x[start : start + 250]))
-    hook.remove()
+    observe_inputs(model, {"linear": model.linear}, lambda name: lambda m, args: captured.append(args[0]),
+                   train_x, 250)
     feats = torch.cat(captured).double()
     # One scale for all features, not one per feature: per-feature standardization multiplies
     # near-dead channels by ~1e4 and makes the classifier hinge on values no 8-bit keeps.

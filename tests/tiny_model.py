@@ -34,12 +34,11 @@ def _fit_probe(model, images: np.ndarray, labels: np.ndarray) -> None:
     """Set ``model.linear`` to the ridge-regression fit of one-hot labels on pooled features."""
     import torch
 
+    from deploykit.quant.fakequant import observe_inputs
+
     features = []
-    handle = model.linear.register_forward_hook(lambda mod, args, out: features.append(args[0].detach()))
-    with torch.no_grad():
-        for start in range(0, len(images), 256):
-            model(torch.from_numpy(images[start : start + 256]))
-    handle.remove()
+    observe_inputs(model, {"linear": model.linear}, lambda name: lambda mod, args: features.append(args[0]),
+                   images, 256)
     f = torch.cat(features).double()
     mean = f.mean(0)
     f = f - mean
