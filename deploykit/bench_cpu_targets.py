@@ -117,7 +117,7 @@ def _fmt_ms(summary: Any) -> tuple[str, str]:
 
 def render(entries: list[Entry], args: argparse.Namespace, started: float) -> str:
     """The report as markdown; computes nothing but ratios of the measured rounds."""
-    from deploykit.bench.fingerprint import device_fingerprint, tool_versions
+    from deploykit.device import device_fingerprint, tool_versions
     from deploykit.bench.stats import ratio_of_medians
 
     device, versions = device_fingerprint(), tool_versions()

@@ -115,7 +115,8 @@ def _check_onnx(path: Path) -> None:
 
 
 def _from_onnx(path: Path, threads: int) -> _Source:
-    from deploykit.backends.onnxruntime import OnnxRuntimeRunner, onnx_io
+    from deploykit.backends.onnxruntime import OnnxRuntimeRunner
+    from deploykit.onnxio import onnx_io
 
     _check_onnx(path)
     io = onnx_io(path)
@@ -238,8 +239,8 @@ def _fix_quantization(request: BuildRequest, target: str, source: _Source, calib
 
 def build(request: BuildRequest, *, progress: Callable[[str], None] | None = None) -> BuildResult:
     """Run the pipeline for ``request``; ``progress(step)`` is called as each step starts."""
-    from deploykit.backends.onnxruntime import onnx_io
-    from deploykit.bench.fingerprint import device_fingerprint, tool_versions
+    from deploykit.onnxio import onnx_io
+    from deploykit.device import device_fingerprint, tool_versions
     from deploykit.profiles import resolve_target
 
     step = progress or (lambda text: None)

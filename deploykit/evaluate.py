@@ -16,6 +16,7 @@ import numpy as np
 from deploykit.backends.base import BUILD_JSON, Artifact, Runner, get_backend
 from deploykit.calib import Preprocessing, default_recipe, load_recipe, open_source
 from deploykit.calib.recipes import fit_recipe
+from deploykit.calib.sources import labeled_subset
 from deploykit.errors import DeployError
 
 
@@ -62,7 +63,8 @@ def open_evaluable(
     if path.is_dir():
         raise DeployError(f"{path} is a folder without {BUILD_JSON}: not an artifact")
     if path.suffix == ".onnx":
-        from deploykit.backends.onnxruntime import OnnxRuntimeRunner, onnx_io
+        from deploykit.backends.onnxruntime import OnnxRuntimeRunner
+        from deploykit.onnxio import onnx_io
 
         size = onnx_io(path)["inputs"][0]["shape"][-1]
         if not isinstance(size, int):
@@ -78,18 +80,6 @@ def open_evaluable(
         description = f"{loaded.name} (torch eager)"
     chosen = fit_recipe(load_recipe(recipe), size) if recipe else default_recipe(size)
     return Evaluable(runner, chosen.preprocessing, description)
-
-
-def labeled_subset(data: str | Path, split: str | None, limit: int | None, seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray]:
-    """(source, labels, sorted indices) of a labeled image set; ``limit``: a seeded subset."""
-    source = open_source(data, split)
-    labels = source.labels()
-    if labels is None:
-        raise DeployError(f"{source.description} has no labels: use one folder per class")
-    indices = np.arange(len(source))
-    if limit is not None and limit < len(source):
-        indices = np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False))
-    return source, labels, indices
 
 
 def evaluate(

@@ -151,5 +151,5 @@ for m in repvgg repopt; do
 done
 
 # --- 5. the report ------------------------------------------------------------------------------
-$PY -m deploykit.quant.report "$WORK" --script scripts/quant_report.sh --out "$REPORT"
+$PY -m deploykit.report.quant_study "$WORK" --script scripts/quant_report.sh --out "$REPORT"
 echo "wrote $REPORT" >&2

@@ -159,7 +159,7 @@ def test_analysis_needs_samples() -> None:
 
 
 def test_report_renders_measured_numbers_and_marks_the_rest(tmp_path: Path) -> None:
-    from deploykit.quant.report import NOT_MEASURED, render
+    from deploykit.report.quant_study import NOT_MEASURED, render
 
     work = tmp_path / "work"
     (work / "eval").mkdir(parents=True)

@@ -131,11 +131,11 @@ def test_fingerprint_imports_torch_only_where_a_gpu_can_be() -> None:
     import subprocess
     import sys
 
-    from deploykit.bench.fingerprint import _nvidia_device_present
+    from deploykit.device import _nvidia_device_present
 
     if _nvidia_device_present():
         pytest.skip("an NVIDIA driver is loaded here: torch is asked about its GPUs")
-    code = ("import sys; from deploykit.bench.fingerprint import device_fingerprint, tool_versions; "
+    code = ("import sys; from deploykit.device import device_fingerprint, tool_versions; "
             "fp = device_fingerprint(); tool_versions(); print(fp['gpus'], 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
     assert done.stdout.split() == ["[]", "False"]

@@ -264,7 +264,7 @@ def test_golden_mismatch_is_a_quality_gate_failure(bundle, any_backend: str, tmp
 
 
 def test_latency_band(bundle, any_backend: str, tmp_path: Path) -> None:
-    from deploykit.bench.fingerprint import device_fingerprint
+    from deploykit.device import device_fingerprint
 
     root = extracted(bundle(any_backend)[0], tmp_path / "x")
     here = {k: device_fingerprint()[k] for k in ("cpu", "arch", "id")}

@@ -143,7 +143,7 @@ class MNNBackend:
         return installed_version("MNN", "MNN") if installed_version("_tools", "MNN") else None
 
     def build(self, onnx_path: Path, out_dir: Path, config: BuildConfig) -> dict[str, Any]:
-        from deploykit.backends.onnxruntime import onnx_io
+        from deploykit.onnxio import onnx_io
 
         if self.version() is None:
             raise MissingBackendError("mnn", "MNN")

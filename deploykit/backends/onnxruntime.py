@@ -17,6 +17,7 @@ from deploykit.backends.base import (
     Artifact, BuildConfig, Option, installed_version, resolve_options, run_in_batches,
 )
 from deploykit.errors import DeployError, MissingBackendError
+from deploykit.onnxio import fixed_batch, onnx_io
 
 MODEL_FILE = "model.onnx"
 
@@ -34,33 +35,6 @@ OPTIONS = {
     "nodes_to_exclude": Option("", "comma-separated ONNX node names kept in float (mixed precision)",
                                precisions=("int8",)),
 }
-
-
-def onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Names, shapes (int or symbolic name) and element types of the graph inputs and outputs."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {i.name for i in graph.initializer}
-
-    def describe(values: Any) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": v.name,
-                "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                          for d in v.type.tensor_type.shape.dim],
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-            }
-            for v in values
-            if v.name not in initializers
-        ]
-
-    return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
-
-
-def fixed_batch(io: dict[str, list[dict[str, Any]]]) -> int | None:
-    first = io["inputs"][0]["shape"][0] if io["inputs"][0]["shape"] else None
-    return first if isinstance(first, int) and first > 0 else None
 
 
 def _ort():

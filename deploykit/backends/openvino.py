@@ -110,7 +110,7 @@ class OpenVINOBackend:
 
     def build(self, onnx_path: Path, out_dir: Path, config: BuildConfig) -> dict[str, Any]:
         ov = _openvino()
-        from deploykit.backends.onnxruntime import fixed_batch, onnx_io
+        from deploykit.onnxio import fixed_batch, onnx_io
 
         options = resolve_options(self.name, self.options, config.options, config.precision)
         try:

@@ -62,7 +62,7 @@ def onnx_file_for(precision: str) -> str:
 
 
 def _input_spec(onnx_path: Path) -> tuple[str, list[Any]]:
-    from deploykit.backends.onnxruntime import onnx_io
+    from deploykit.onnxio import onnx_io
 
     first = onnx_io(onnx_path)["inputs"][0]
     return first["name"], first["shape"]

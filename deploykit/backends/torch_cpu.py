@@ -50,7 +50,7 @@ class TorchBackend:
         model = config.source_model
         if model is None:
             raise DeployError("target torch builds from a PyTorch model, not from an .onnx file")
-        from deploykit.backends.onnxruntime import onnx_io
+        from deploykit.onnxio import onnx_io
 
         shape = onnx_io(onnx_path)["inputs"][0]["shape"]
         example = torch.zeros((2, *shape[1:]))

@@ -170,7 +170,7 @@ class TorchCudaBackend:
     def build(self, onnx_path: Path, out_dir: Path, config: BuildConfig) -> dict[str, Any]:
         import torch
 
-        from deploykit.backends.onnxruntime import onnx_io
+        from deploykit.onnxio import onnx_io
 
         if not _cuda_available():
             raise DeployError(self.missing_reason)

@@ -190,8 +190,8 @@ def _build_with_pipeline(config: Config, spec: SweepSpec, onnx_path: Path, out: 
 
 def _build_from_module(config: Config, backend: Any, model: Any, onnx_path: Path, out: Path) -> None:
     """Targets that run the nn.Module itself (build.py takes only .onnx for the others)."""
-    from deploykit.backends.onnxruntime import onnx_io
-    from deploykit.bench.fingerprint import tool_versions
+    from deploykit.onnxio import onnx_io
+    from deploykit.device import tool_versions
     from deploykit.files import atomic_dir, sha256_tree
 
     start = time.perf_counter()

@@ -63,7 +63,7 @@ def _default_prepare(config: Config, spec: SweepSpec) -> Any:
 class _Sweep:
     def __init__(self, spec: SweepSpec, path: Path, *, command: str | None, prepare: Prepare,
                  on_progress: Progress | None) -> None:
-        from deploykit.bench.fingerprint import device_fingerprint, tool_versions
+        from deploykit.device import device_fingerprint, tool_versions
 
         self.spec, self.path, self.prepare = spec, Path(path), prepare
         self.on_progress = on_progress or (lambda done, total, what: None)
@@ -82,7 +82,7 @@ class _Sweep:
         self.on_progress(self.done_units, self.total_units, what)
 
     def _row(self, config: Config, status: str, **extra: Any) -> dict[str, Any]:
-        from deploykit.bench.fingerprint import load_average
+        from deploykit.device import load_average
 
         row = {
             "schema": results.SCHEMA,

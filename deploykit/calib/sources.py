@@ -276,3 +276,17 @@ def open_source(path: str | Path, split: str | None = None) -> Source:
         f"data {path}: expected a folder of images, an archive ({', '.join(TAR_SUFFIXES)}) "
         f"or arrays ({', '.join(ARRAY_SUFFIXES)})"
     )
+
+
+def labeled_subset(data: str | Path, split: str | None, limit: int | None, seed: int = 0) -> tuple[Source, np.ndarray, np.ndarray]:
+    """(source, labels, sorted indices) of a labeled image set; ``limit``: a seeded subset."""
+    import numpy as np
+
+    source = open_source(data, split)
+    labels = source.labels()
+    if labels is None:
+        raise DeployError(f"{source.description} has no labels: use one folder per class")
+    indices = np.arange(len(source))
+    if limit is not None and limit < len(source):
+        indices = np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False))
+    return source, labels, indices

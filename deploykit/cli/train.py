@@ -191,7 +191,7 @@ def analyze(subject: str, calib: str | None, calib_recipe: str | None, calib_sam
     from deploykit.calib import load_calibration
     from deploykit.errors import UsageError
     from deploykit.files import check_writable
-    from deploykit.quant.analysis_files import write_analysis
+    from deploykit.report.analysis import write_analysis
     from deploykit.quant.analyze import FIXES
     from deploykit.quant.analyze import analyze as run_analysis
     from deploykit.quant.subject import open_subject

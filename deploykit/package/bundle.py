@@ -111,7 +111,7 @@ def measure_latency_ms(runner: Any, sample: Any, *, warmup: int = LATENCY_WARMUP
 
 
 def _latency_band(meta: dict[str, Any], runner: Any, sample: Any, threads: int, measure: bool) -> LatencyBand | None:
-    from deploykit.bench.fingerprint import device_fingerprint
+    from deploykit.device import device_fingerprint
 
     recorded = meta.get("latency") or {}
     if recorded.get("median_ms"):

@@ -116,7 +116,7 @@ def _golden_check(root: Path, manifest: Manifest, runner: Any) -> tuple[dict[str
 
 
 def _latency_check(manifest: Manifest, runner: Any, inputs: Any) -> tuple[dict[str, Any], list[str]]:
-    from deploykit.bench.fingerprint import device_fingerprint
+    from deploykit.device import device_fingerprint
     from deploykit.package.bundle import measure_latency_ms
 
     batch = manifest.latency.batch if manifest.latency else 1

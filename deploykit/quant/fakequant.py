@@ -196,7 +196,7 @@ def reference_top1(
 ) -> dict[str, Any]:
     """Top-1 on a labeled split of the FP32 model and of its fake-quantized INT8 references
     (per-tensor and per-channel weights), calibrated on ``calibration``: the report's PyTorch rows."""
-    from deploykit.evaluate import labeled_subset
+    from deploykit.calib.sources import labeled_subset
 
     source, labels, indices = labeled_subset(data, split, limit, seed=0)
     ranges = calibrate_ranges(model, calibration)

@@ -25,7 +25,7 @@ ROUND_SECONDS = 0.5
 def artifact_latency(paths: list[Path], *, threads: int = 2, rounds: int = 7, batch: int = 1) -> list[dict[str, Any]]:
     """Median latency (ms) per artifact; rounds interleave the artifacts so drift hits all alike."""
     from deploykit.backends.base import Artifact, get_backend
-    from deploykit.bench.fingerprint import load_average
+    from deploykit.device import load_average
     from deploykit.bench.timing import iterations_per_round, time_round, timer_for, warm_up
 
     measures, iterations, rows = [], [], []

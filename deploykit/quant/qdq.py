@@ -300,7 +300,8 @@ def inspect_qdq(model_or_path: Any) -> QdqReport:
 def run_onnxruntime(path: Path, inputs: np.ndarray, *, threads: int = 2) -> np.ndarray:
     """Logits of an ONNX model on the ORT CPU provider (the check that needs no GPU)."""
     from deploykit.backends.base import run_in_batches
-    from deploykit.backends.onnxruntime import fixed_batch, onnx_io, session
+    from deploykit.backends.onnxruntime import session
+    from deploykit.onnxio import fixed_batch, onnx_io
 
     runner = session(Path(path), threads=threads, level="basic")
     name = runner.get_inputs()[0].name

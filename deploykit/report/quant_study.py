@@ -10,7 +10,7 @@ drop chart. Layout of WORK (scripts/quant_report.sh)::
     analysis/<m>/            deploykit analyze        maxdrop/<m>-<target>/    build --max-drop
     latency/<m>-<target>.json                         python -m deploykit.quant.latency
 
-    python -m deploykit.quant.report WORK --script scripts/quant_report.sh --out REPORT.md
+    python -m deploykit.report.quant_study WORK --script scripts/quant_report.sh --out REPORT.md
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from deploykit.quant.analysis_files import PAPER_KERNEL_STD
+from deploykit.report.analysis import PAPER_KERNEL_STD
 
 MODELS = {"repvgg": "RepVGG-A0 (fused)", "repopt": "RepOpt-VGG-A0"}
 SCHEMES = [  # (eval/build name, backend, scheme)
@@ -367,7 +367,7 @@ def render(work: Path, out: Path, script: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploykit.quant.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m deploykit.report.quant_study", description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--script", type=Path, default=None)
