@@ -5,25 +5,10 @@ only when verification passes, so a failed build leaves no partial artifact and 
 artifact untouched. ``build.json`` records what was built, from what, with which tools and
 options, and how close the artifact is to the reference.
 
-build.json (schema 1)::
-
-    schema_version, deploykit_version, created_utc, build_seconds
-    target, profile, precision, threads, options         what was asked (options with defaults)
-    model: {name, source, spec, form, fusion}            what was built (fusion: the certificate)
-    export: {opset, sha256, report}                      the intermediate ONNX
-    inputs / outputs: [{name, shape, dtype}]             the artifact's interface
-    preprocessing                                        image -> input tensor (deploykit.calib)
-    calibration: {source, recipe, synthetic, count, held_out, seed, shape, sha256} | null
-    backend: {model_file, batch, options, ...}           facts the backend reports
-    verification: {reference, inputs, samples, cosine_min, cosine_mean, max_abs_error,
-                   max_rel_error, top1_agreement, tolerance, passed, problems}
-    versions, device, warnings
-    files: {relative path: sha256}                       every file except build.json
+build.json is the typed record of ``deploykit.artifact`` (its docstring lists the fields).
 """
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import re
 import tempfile
@@ -33,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploykit import __version__
+from deploykit.artifact import Artifact, ArtifactRecord, write_record
 from deploykit.backends.base import (
-    BUILD_JSON, BUILD_SCHEMA_VERSION, Artifact, BuildConfig, Runner, check_precision, get_backend, resolve_options,
+    DEFAULT_THREADS, BuildConfig, Runner, check_precision, get_backend, resolve_options,
 )
-from deploykit.errors import DeployError, MissingBackendError, QualityGateError, UsageError
-from deploykit.files import atomic_dir, check_writable, sha256_file, sha256_tree
+from deploykit.errors import DeployError, QualityGateError, UsageError
+from deploykit.files import atomic_dir, check_writable, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +44,7 @@ class BuildRequest:
     force: bool = False
     num_classes: int | None = None
     cifar: bool | None = None
+    input_size: int | None = None  # zoo models: input height/width (None: the model's)
     verify_samples: int = DEFAULT_VERIFY_SAMPLES
     seed: int | None = None
     max_drop: float | None = None  # int8: largest top-1 drop in points (1.0 = one point)
@@ -67,11 +53,16 @@ class BuildRequest:
 @dataclass(frozen=True)
 class BuildResult:
     path: Path
-    meta: dict[str, Any]
+    record: ArtifactRecord
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The record as written to build.json (plain JSON types)."""
+        return self.record.model_dump(mode="json")
 
     @property
     def warnings(self) -> list[str]:
-        return self.meta.get("warnings", [])
+        return list(self.record.warnings)
 
 
 @dataclass
@@ -140,7 +131,8 @@ def _from_torch(request: BuildRequest, work: Path, threads: int, step: Callable[
     from deploykit.loading import check_input, load_model
 
     step("loading the model")
-    loaded = load_model(request.model, num_classes=request.num_classes, cifar=request.cifar)
+    loaded = load_model(request.model, num_classes=request.num_classes, cifar=request.cifar,
+                        input_size=request.input_size)
     check_input(loaded)
     size = loaded.input_size
     fusion = None
@@ -222,7 +214,7 @@ def _fix_quantization(request: BuildRequest, target: str, source: _Source, calib
 
     if source.torch_model is None:
         raise DeployError("--max-drop needs a PyTorch model (zoo name or checkpoint), not an .onnx file")
-    if getattr(calib, "held_out_labels", None) is None:
+    if calib.held_out_labels is None:
         raise DeployError("--max-drop needs labeled data to score accuracy: --calib DIR with one folder per class")
     fix = fix_quantization(
         source.torch_model, backend=target, calibration=calib, validation_inputs=calib.held_out,
@@ -239,8 +231,8 @@ def _fix_quantization(request: BuildRequest, target: str, source: _Source, calib
 
 def build(request: BuildRequest, *, progress: Callable[[str], None] | None = None) -> BuildResult:
     """Run the pipeline for ``request``; ``progress(step)`` is called as each step starts."""
+    from deploykit.device import device_fingerprint
     from deploykit.onnxio import onnx_io
-    from deploykit.device import device_fingerprint, tool_versions
     from deploykit.profiles import resolve_target
 
     step = progress or (lambda text: None)
@@ -253,17 +245,15 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
     if request.max_drop is not None:
         if precision != "int8":
             raise UsageError("--max-drop applies to int8 builds")
-        if backend.name == "openvino":  # NNCF's own accuracy control; its max_drop is a fraction
-            given["max_drop"] = request.max_drop / 100.0
+        if backend.native_max_drop_option:  # the backend's own accuracy-controlled search (same unit: points)
+            given[backend.native_max_drop_option] = request.max_drop
     options = resolve_options(backend.name, backend.options, given, precision)
-    # emit_only (tensorrt): write what builds the engine elsewhere; the runtime is not needed here.
-    if backend.version() is None and not options.get("emit_only"):
-        reason = getattr(backend, "missing_reason", None)
-        raise DeployError(reason) if reason else MissingBackendError(backend.name, backend.name, backend.extra)
-    threads = request.threads or profile.threads or 2
+    if not backend.can_build(options):
+        raise DeployError(backend.missing_reason())
+    threads = request.threads or profile.threads or DEFAULT_THREADS
     is_onnx = request.model.endswith(".onnx")
-    if is_onnx and backend.name == "torch":
-        raise DeployError("target torch builds from a PyTorch model, not from an .onnx file")
+    if is_onnx and backend.builds_from_module:
+        raise DeployError(f"target {backend.name} builds from a PyTorch model, not from an .onnx file")
     out = Path(request.out) if request.out else default_out(request.model, backend.name, precision)
     check_writable(out, force=request.force)
     warnings: list[str] = []
@@ -273,12 +263,12 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
             step("checking the ONNX model")
             source = _from_onnx(Path(request.model), threads)
         else:
-            source = _from_torch(request, Path(work), threads, step, getattr(backend, "export_batch", 1))
+            source = _from_torch(request, Path(work), threads, step, backend.export_batch)
         step("loading calibration data" if precision == "int8" else "loading verification inputs")
         calib = _calibration(request, precision, source.input_size, request.calib_recipe or profile.calib_recipe,
                              warnings)
         max_drop_meta = None
-        if request.max_drop is not None and backend.name != "openvino":
+        if request.max_drop is not None and not backend.native_max_drop_option:
             options, max_drop_meta = _fix_quantization(request, backend.name, source, calib, options, threads,
                                                        Path(work), step)
         config = BuildConfig(precision=precision, threads=threads,
@@ -294,39 +284,31 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
 
                 runner = OnnxRuntimeRunner(tmp / facts["onnx_file"], threads=threads)
             else:
-                artifact = Artifact(tmp, {"target": backend.name, "precision": precision, "files": {}, "backend": facts})
-                runner = backend.load(artifact, threads=threads)
+                runner = backend.load(Artifact.staged(tmp, backend.name, precision, facts), threads=threads)
             verification = _verify(source, runner, calib, backend.name, precision, warnings)
             if facts.get("emit_only"):
                 verification["reference"] += "; artifact: emitted ONNX on onnxruntime, no engine built"
-            files = sha256_tree(tmp)
-            meta = {
-                "schema_version": BUILD_SCHEMA_VERSION,
-                "deploykit_version": __version__,
-                "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "target": backend.name,
-                "profile": None if profile.name == backend.name else profile.name,
-                "precision": precision,
-                "threads": threads,
-                "options": options,
-                "model": source.model_meta,
-                "export": source.export_meta,
+            record = write_record(
+                tmp,
+                target=backend.name,
+                profile=None if profile.name == backend.name else profile.name,
+                precision=precision,
+                threads=threads,
+                options=options,
+                model=source.model_meta,
+                export=source.export_meta,
                 **onnx_io(source.onnx_path),
-                "preprocessing": calib.preprocessing.to_dict(),
-                "calibration": calib.summary() if precision == "int8" else None,
+                preprocessing=calib.preprocessing.to_dict(),
+                calibration=calib.summary() if precision == "int8" else None,
                 # Class names (index = label) when the data is a labeled folder tree.
-                "classes": list(calib.classes) if getattr(calib, "classes", None) else None,
-                "max_drop": max_drop_meta,
-                "backend": facts,
-                "verification": verification,
-                "versions": tool_versions(),
-                "device": device_fingerprint(),
-                "warnings": warnings,
-                "size_bytes": sum((tmp / name).stat().st_size for name in files),
-                "files": files,
-                "build_seconds": round(time.perf_counter() - started, 3),
-            }
-            (tmp / BUILD_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+                classes=list(calib.classes) if calib.classes else None,
+                max_drop=max_drop_meta,
+                backend=facts,
+                verification=verification,
+                device=device_fingerprint(),
+                warnings=warnings,
+                build_seconds=round(time.perf_counter() - started, 3),
+            )
     for text in warnings:
         logger.warning(text)
-    return BuildResult(out, meta)
+    return BuildResult(out, record)

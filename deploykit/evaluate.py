@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from deploykit.backends.base import BUILD_JSON, Artifact, Runner, get_backend
+from deploykit.artifact import BUILD_JSON
+from deploykit.backends.base import DEFAULT_THREADS, Runner, get_backend
 from deploykit.calib import Preprocessing, default_recipe, load_recipe, open_source
 from deploykit.calib.recipes import fit_recipe
 from deploykit.calib.sources import labeled_subset
@@ -45,24 +46,25 @@ class Evaluable:
 
 
 def open_evaluable(
-    subject: str, *, threads: int = 2, num_classes: int | None = None, cifar: bool | None = None,
-    recipe: str | None = None,
+    subject: str, *, threads: int = DEFAULT_THREADS, num_classes: int | None = None, cifar: bool | None = None,
+    calib_recipe: str | None = None,
 ) -> Evaluable:
-    """An artifact directory, an ``.onnx`` file, or any MODEL spec ``deploykit build`` takes."""
-    path = Path(subject)
-    if (path / BUILD_JSON).is_file():
-        artifact = Artifact.open(path)
-        stored = artifact.meta.get("preprocessing")
-        if not stored:
+    """An artifact directory, an ``.onnx`` file, or any MODEL spec ``deploykit build`` takes
+    (``deploykit.resolve``); ``calib_recipe`` overrides the preprocessing."""
+    from deploykit.resolve import load_torch, resolve
+
+    resolved = resolve(subject)
+    path = resolved.path
+    if resolved.artifact is not None:
+        artifact = resolved.artifact
+        if artifact.record.preprocessing is None:
             raise DeployError(f"{path / BUILD_JSON} stores no preprocessing; rebuild the artifact")
-        pre = Preprocessing.model_validate(stored)
-        if recipe:
-            pre = fit_recipe(load_recipe(recipe), pre.size).preprocessing
+        pre = artifact.record.preprocessing
+        if calib_recipe:
+            pre = fit_recipe(load_recipe(calib_recipe), pre.size).preprocessing
         runner = get_backend(artifact.target).load(artifact, threads=threads)
         return Evaluable(runner, pre, f"{path} ({artifact.target} {artifact.precision})")
-    if path.is_dir():
-        raise DeployError(f"{path} is a folder without {BUILD_JSON}: not an artifact")
-    if path.suffix == ".onnx":
+    if resolved.kind == "onnx":
         from deploykit.backends.onnxruntime import OnnxRuntimeRunner
         from deploykit.onnxio import onnx_io
 
@@ -73,12 +75,11 @@ def open_evaluable(
         description = f"{path} (onnxruntime fp32)"
     else:
         from deploykit.backends.torch_cpu import TorchRunner
-        from deploykit.loading import load_model
 
-        loaded = load_model(subject, num_classes=num_classes, cifar=cifar)
+        loaded = load_torch(subject, num_classes=num_classes, cifar=cifar)
         size, runner = loaded.input_size, TorchRunner(loaded.model, threads=threads)
         description = f"{loaded.name} (torch eager)"
-    chosen = fit_recipe(load_recipe(recipe), size) if recipe else default_recipe(size)
+    chosen = fit_recipe(load_recipe(calib_recipe), size) if calib_recipe else default_recipe(size)
     return Evaluable(runner, chosen.preprocessing, description)
 
 

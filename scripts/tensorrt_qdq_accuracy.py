@@ -95,7 +95,7 @@ def first_layers(onnx_path: Path, calib: np.ndarray, x: np.ndarray, counts: tupl
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from deploykit.quant.qdq import TRT_EXTRA_OPTIONS, WEIGHTED_OPS, CalibrationReader, run_onnxruntime
+    from deploykit.backends.qdq import TRT_EXTRA_OPTIONS, WEIGHTED_OPS, CalibrationReader, run_onnxruntime
     from deploykit.verify import compare
 
     prepared, out = onnx_path.with_suffix(".pre.onnx"), onnx_path.with_suffix(".partial.onnx")

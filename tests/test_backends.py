@@ -72,8 +72,8 @@ def built(source: Source, tmp_path_factory: pytest.TempPathFactory):
             out.mkdir()
             config = BuildConfig(precision=precision, threads=2, calibration=source.calib, source_model=source.fused)
             facts = backend.build(source.onnx_path, out, config)
-            cache[(name, precision)] = Artifact(out, {"target": name, "precision": precision, "files": {},
-                                                      "backend": json.loads(json.dumps(facts, default=str))})
+            cache[(name, precision)] = Artifact.staged(out, name, precision,
+                                                       json.loads(json.dumps(facts, default=str)))
         return cache[(name, precision)]
 
     return build
@@ -123,7 +123,7 @@ def test_int8_artifacts_really_hold_int8(name: str, built) -> None:
         assert _size(artifact) < 0.5 * _size(built(name, "fp32"))
         assert _size(built(name, "w8")) < 0.5 * _size(built(name, "fp32"))
     elif name == "tensorrt":
-        from deploykit.quant.qdq import inspect_qdq
+        from deploykit.backends.qdq import inspect_qdq
 
         assert inspect_qdq(artifact.path / "model.int8.onnx").ok
     else:
@@ -233,7 +233,7 @@ def test_openvino_accuracy_control_needs_labels_and_keeps_int8(source: Source, t
                                                              options={"max_drop": "0.02"}))
     assert facts["accuracy_control"] == {"max_drop": 0.02, "samples": len(source.calib.held_out)}
     assert facts["runtime_precisions"].get("u8", 0) + facts["runtime_precisions"].get("i8", 0) > 0
-    runner = backend.load(Artifact(out, {"target": "openvino", "precision": "int8", "files": {}, "backend": facts}),
+    runner = backend.load(Artifact.staged(out, "openvino", "int8", facts),
                           threads=2)
     assert compare(source.reference, runner(source.calib.held_out)).cosine_mean > QUANTIZED_MIN_MEAN_COSINE
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploykit.backends.base import BACKENDS, get_backend
+from deploykit.backends.base import BACKENDS, BackendBase, get_backend
 from deploykit.bench import results
 from deploykit.bench.spec import configurations, load_sweep, make_sweep
 from deploykit.bench.sweep import run_sweep
@@ -128,9 +128,22 @@ class Recorded:
         return measure
 
 
+class SelfTimed(BackendBase):
+    """A backend whose runners time themselves (as a GPU backend's do)."""
+
+    name, extra = "recorded", "all"
+
+    def timer(self, runner: Recorded, inputs):
+        return runner.timer(inputs)
+
+    def clock(self) -> str:
+        return "recorded"
+
+
 class Prepared:
     def __init__(self, runner: Recorded) -> None:
         self.runner, self.inputs, self.artifact, self.build = runner, np.zeros((1, 3, 8, 8), np.float32), None, {}
+        self.backend = SelfTimed()
 
 
 def recording_prepare(log: list[tuple[str, int]], prepared: list[str], fail: dict[str, BaseException] | None = None):
@@ -194,7 +207,7 @@ def test_a_failing_configuration_gets_a_row_and_the_sweep_goes_on(tmp_path: Path
 def _backend_or_skip(name: str):
     backend = get_backend(name)
     if backend.version() is None:
-        pytest.skip(getattr(backend, "missing_reason", None) or f"target {name} is not installed here")
+        pytest.skip(backend.missing_reason())
     return backend
 
 

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from deploykit.backends.base import get_backend
+from deploykit.backends.base import BACKENDS, get_backend
 from deploykit.calib import CalibrationSet, Preprocessing
 from deploykit.errors import DeployError, QualityGateError
-from deploykit.quant.max_drop import KNOBS, fix_quantization, layer_nodes
+from deploykit.quant.max_drop import fix_quantization, layer_nodes, max_drop_targets
 
 from outlier_models import SIZE, outlier_model
 
@@ -56,17 +56,21 @@ def test_equalization_fixes_an_activation_outlier() -> None:
     assert float(c1.max() / c1.min()) < 10
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "mnn"])
+# Every backend with max-drop switches whose own accuracy control does not replace the search.
+SEARCHED = [n for n in BACKENDS if get_backend(n).max_drop_knobs and not get_backend(n).native_max_drop_option]
+
+
+@pytest.mark.parametrize("backend", SEARCHED)
 def test_keeping_the_worst_layer_in_float_or_a_clear_gate(backend: str) -> None:
     """An input no rewrite can fix: only float for conv1 recovers it (where the backend allows)."""
     if get_backend(backend).version() is None:
         pytest.skip(f"{backend} is not installed: pip install 'deploykit[{backend}]'")
-    option = KNOBS[backend].float_layers
+    option = get_backend(backend).max_drop_knobs.float_layers
     result = _fix("input", backend, max_fp_layers=2)
     steps = _steps(result)
     assert steps["baseline"].drop_points > BUDGET
     if option is None or option not in get_backend(backend).options:
-        assert (KNOBS[backend].why_no_float or option) in steps["keep_fp"].skipped and not result.met
+        assert (get_backend(backend).max_drop_knobs.why_no_float or option) in steps["keep_fp"].skipped and not result.met
         with pytest.raises(QualityGateError, match=f"budget {BUDGET:.2f}") as caught:
             result.check()
         assert "keep more layers in float" not in str(caught.value)  # not advice the backend can follow
@@ -88,8 +92,9 @@ def test_layer_nodes_map_module_names_to_onnx_nodes(tmp_path) -> None:
 def test_bad_requests_are_clear_errors() -> None:
     model, inputs, labels = outlier_model("clean", count=300)
     common = dict(calibration=_calibration(inputs), max_drop=BUDGET)
+    unsupported = next(n for n in BACKENDS if n not in max_drop_targets())
     with pytest.raises(DeployError, match="max-drop supports targets"):
-        fix_quantization(model, backend="torch", validation_inputs=inputs, validation_labels=labels, **common)
+        fix_quantization(model, backend=unsupported, validation_inputs=inputs, validation_labels=labels, **common)
     with pytest.raises(DeployError, match="labeled validation samples"):
         fix_quantization(model, backend="onnxruntime", validation_inputs=inputs[:0], validation_labels=labels[:0],
                          **common)

@@ -18,18 +18,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploykit.backends.base import get_backend
+from deploykit.artifact import ArtifactRecord
+from deploykit.backends.base import get_backend, packageable
 from deploykit.errors import DeployError, QualityGateError, UsageError
 from deploykit.files import sha256_file
 from deploykit.package import ExtractLimits, extract_bundle, package_artifact, run_bundle, verify_bundle
 from deploykit.package.bundle import resolve_labels
-from deploykit.package.manifest import MANIFEST, RUNTIMES, Runtime, check_runtime, read_manifest
+from deploykit.package.manifest import MANIFEST, Runtime, check_runtime, read_manifest
 
 from tiny_model import write_tiny_model
 
-CPU_BACKENDS = ["onnxruntime", "openvino", "mnn"]
+# Every backend a bundle can hold that runs on a CPU: a new one is covered the moment it is registered.
+CPU_BACKENDS = sorted(name for name in packageable() if get_backend(name).device == "cpu")
 LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-MODEL_FILES = {"onnxruntime": "model/model.onnx", "openvino": "model/model.bin", "mnn": "model/model.mnn"}
+
+
+def weights_file(root: Path) -> str:
+    """The bundle's largest model file (the weights: model.onnx, model.bin, model.mnn, ...)."""
+    files = [p for p in (root / "model").rglob("*") if p.is_file() and p.name != "build.json"]
+    return max(files, key=lambda p: p.stat().st_size).relative_to(root).as_posix()
 
 # Runs the bundle's runner with torch and deploykit unimportable: proves the runner needs neither.
 BLOCKED_RUNNER = """
@@ -153,7 +160,7 @@ def test_round_trip_package_verify_run(name: str, bundle, images: list[Path], tm
     root = extracted(archive, tmp_path / "x")
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     assert on_disk == {*manifest.files, MANIFEST}
-    assert {MODEL_FILES[name], "model/build.json", "golden.npz", "deploykit_runner.py", "README.md"} <= on_disk
+    assert {weights_file(root), "model/build.json", "golden.npz", "deploykit_runner.py", "README.md"} <= on_disk
     assert all(sha256_file(root / rel) == digest for rel, digest in manifest.files.items())
     assert read_manifest(root) == manifest
 
@@ -210,21 +217,21 @@ def test_cli_package_verify_run(artifact, any_backend: str, images: list[Path], 
 def test_tampered_model_file_fails_its_checksum(name: str, bundle, tmp_path: Path) -> None:
     archive, _ = bundle(name)
     root = extracted(archive, tmp_path / "x")
-    model = root / MODEL_FILES[name]
+    model = root / weights_file(root)
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0x01
     model.write_bytes(bytes(data))
-    with pytest.raises(DeployError, match=f"checksum mismatch: {MODEL_FILES[name]}"):
+    with pytest.raises(DeployError, match=f"checksum mismatch: {weights_file(root)}"):
         verify_bundle(root)
-    with pytest.raises(DeployError, match=f"checksum mismatch: {MODEL_FILES[name]}"):
+    with pytest.raises(DeployError, match=f"checksum mismatch: {weights_file(root)}"):
         run_bundle(root, [root / "README.md"])
     repacked = tmp_path / "repacked.tar.gz"
     with tarfile.open(repacked, "w:gz") as tar:
         tar.add(root, arcname=root.name)
-    with pytest.raises(DeployError, match=f"checksum mismatch: {MODEL_FILES[name]}"):
+    with pytest.raises(DeployError, match=f"checksum mismatch: {weights_file(root)}"):
         verify_bundle(repacked)
     done = run_runner(root, "--self-test")
-    assert done.returncode == 1 and f"checksum mismatch: {MODEL_FILES[name]}" in done.stderr
+    assert done.returncode == 1 and f"checksum mismatch: {weights_file(root)}" in done.stderr
 
 
 def test_unlisted_extra_file_and_missing_file_are_refused(bundle, any_backend: str, tmp_path: Path) -> None:
@@ -316,7 +323,7 @@ def test_runtime_version_rule() -> None:
     trt = Runtime(backend="tensorrt", module="tensorrt", version="10.9.0")
     with pytest.raises(DeployError, match="built with tensorrt 10.9.0; this machine has 10.9.1"):
         check_runtime(trt, "10.9.1")
-    assert set(RUNTIMES) >= set(CPU_BACKENDS) | {"tensorrt"}
+    assert set(packageable()) >= set(CPU_BACKENDS) | {"tensorrt"}
 
 
 def test_bundle_from_another_runtime_version_says_so(bundle, any_backend: str, tmp_path: Path) -> None:
@@ -331,11 +338,14 @@ def test_bundle_from_another_runtime_version_says_so(bundle, any_backend: str, t
 
 
 def test_labels_come_from_the_caller_the_build_or_are_generated() -> None:
-    assert resolve_labels(None, {}, 3) == (["class_0", "class_1", "class_2"], "generated (no class names known)")
-    assert resolve_labels(None, {"classes": ["a", "b"]}, 2) == (["a", "b"], "build.json")
-    assert resolve_labels(["x", "y"], {"classes": ["a", "b"]}, 2) == (["x", "y"], "given")
+    def record(**fields):  # the labels' sources in a build record
+        return ArtifactRecord(target="onnxruntime", precision="fp32", files={}, **fields)
+
+    assert resolve_labels(None, record(), 3) == (["class_0", "class_1", "class_2"], "generated (no class names known)")
+    assert resolve_labels(None, record(classes=["a", "b"]), 2) == (["a", "b"], "build.json")
+    assert resolve_labels(["x", "y"], record(classes=["a", "b"]), 2) == (["x", "y"], "given")
     with pytest.raises(UsageError, match="3 labels for a model with 2 outputs"):
-        resolve_labels(["x", "y", "z"], {}, 2)
+        resolve_labels(["x", "y", "z"], record(), 2)
 
 
 def test_package_refuses_a_changed_artifact_and_a_bad_name(artifact, any_backend: str, tmp_path: Path) -> None:

@@ -20,14 +20,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deploykit.backends.base import Artifact, BuildConfig, get_backend
+from deploykit.backends.base import BACKENDS, Artifact, BuildConfig, get_backend
 from deploykit.backends.tensorrt import (
-    CALIBRATION_FILE, ENGINE_FILE, SCRIPT_FILE, STATUS, TensorRTBackend, check_compatible, emit_tensorrt_bundle,
+    CALIBRATION_FILE, ENGINE_FILE, SCRIPT_FILE, TensorRTBackend, check_compatible, emit_tensorrt_bundle,
 )
 from deploykit.errors import DeployError, MissingBackendError
 from deploykit.models import get_entry, list_models
 from deploykit.preflight import FAIL, OK, SKIP, WARN, Facts, evaluate, gather_facts, parse_nvidia_smi, require_tensorrt
-from deploykit.quant.qdq import WEIGHTED_OPS, inspect_qdq, quantize_qdq, run_onnxruntime
+from deploykit.backends.qdq import WEIGHTED_OPS, inspect_qdq, quantize_qdq, run_onnxruntime
 from conftest import run_cli
 
 MISSING = "target tensorrt needs an NVIDIA GPU and TensorRT: pip install 'deploykit[tensorrt]'"
@@ -130,7 +130,7 @@ def test_qdq_model_follows_tensorrt_rules(name: str, exported, tmp_path: Path) -
 
 def test_inspect_qdq_catches_what_tensorrt_rejects(exported, tmp_path: Path) -> None:
     """ORT's CPU defaults (asymmetric uint8, per-tensor weights, int32 bias) break three rules."""
-    from deploykit.quant.qdq import CalibrationReader
+    from deploykit.backends.qdq import CalibrationReader
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     out = tmp_path / "cpu-style.onnx"
@@ -244,8 +244,7 @@ def test_emit_only_int8_on_cifar(exported, cifar_calibration, tmp_path: Path) ->
     assert check["cosine_mean"] > 0.99 and check["top1_agreement"] > 0.75
     assert {"top1_reference", "top1_candidate"} <= set(check)
     with pytest.raises(DeployError, match="written with --emit-only and holds no engine"):
-        backend.load(Artifact(tmp_path, {"target": "tensorrt", "precision": "int8", "files": {},
-                                         "backend": facts}), threads=1)
+        backend.load(Artifact.staged(tmp_path, "tensorrt", "int8", facts), threads=1)
 
 
 def _build_has_emit_only() -> bool:
@@ -366,13 +365,24 @@ def test_doctor_lists_every_check_and_the_fix() -> None:
         assert required.stderr.strip().splitlines()[-1] == f"error: {WHY_NOT}"
 
 
-def test_status_line_says_what_was_not_run() -> None:
-    assert get_backend("tensorrt").status() == STATUS
-    assert "never executed" in STATUS and "emit-only" in STATUS
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_a_target_that_cannot_run_here_says_what_was_not_run(name: str) -> None:
+    """`deploykit targets` shows, for every target whose runtime is absent here, a status line
+    saying it was never executed (the code and the listing must not pretend it works)."""
+    backend = get_backend(name)
+    if backend.version() is not None:
+        pytest.skip(f"{name} runs here: its tests execute it")
+    done = run_cli("targets", "--json")
+    assert done.returncode == 0, done.stderr
+    row = next(r for r in json.loads(done.stdout)["targets"] if r["target"] == name)
+    assert row["available"] is False and row["status"] == backend.status()
+    assert "never executed" in row["status"]
+    if "emit_only" in backend.options:  # then the listing says what can be done here instead
+        assert "emit-only" in row["status"]
 
 
 def test_modules_import_no_runtime() -> None:
-    code = ("import sys, deploykit.backends.tensorrt, deploykit.preflight, deploykit.quant.qdq, deploykit.cli.doctor; "
+    code = ("import sys, deploykit.backends.tensorrt, deploykit.preflight, deploykit.backends.qdq, deploykit.cli.doctor; "
             "print(sorted(m for m in ('tensorrt', 'torch', 'onnxruntime', 'onnx') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -390,8 +400,7 @@ def test_engine_builds_runs_and_times(precision: str, exported, cifar_calibratio
     config = BuildConfig(precision=precision, calibration=cifar_calibration if precision == "int8" else None)
     facts = backend.build(source, tmp_path, config)
     assert (tmp_path / ENGINE_FILE).stat().st_size > 0 and facts["environment"]["tensorrt_version"]
-    runner = backend.load(Artifact(tmp_path, {"target": "tensorrt", "precision": precision, "files": {},
-                                              "backend": facts}), threads=1)
+    runner = backend.load(Artifact.staged(tmp_path, "tensorrt", precision, facts), threads=1)
     held_out = cifar_calibration.held_out
     figures = compare(run_onnxruntime(source, held_out), runner(held_out))
     assert figures.cosine_mean > (0.99 if precision == "int8" else 0.999)

@@ -1,25 +1,30 @@
 """The backend protocol and the name -> module table.
 
 A backend is one module answering a small protocol: is it available (and which version),
-build an artifact from an ONNX model, load an artifact into a runner. Backends are found
-through ``BACKENDS`` and imported on first use, so a missing optional runtime never breaks
-``import deploykit`` nor any other backend.
+build an artifact from an ONNX model (or from the nn.Module), load an artifact into a runner,
+plus every fact a caller needs about it (its pip distributions, why it is missing, the batch it
+is exported with, what has run, how it is timed, its max-drop switches). Callers never name a
+backend nor probe it with getattr: what differs is declared here, with defaults in
+``BackendBase``. Backends are found through ``BACKENDS`` and imported on first use, so a
+missing optional runtime never breaks ``import deploykit`` nor any other backend.
 """
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, runtime_checkable
 
-from deploykit.errors import DeployError, UsageError
+from deploykit.artifact import BUILD_JSON, Artifact  # noqa: F401  (re-exported for the backends)
+from deploykit.errors import DeployError, MissingBackendError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
 
-BUILD_JSON = "build.json"
-BUILD_SCHEMA_VERSION = 1
+# Threads a build or a runner uses when nobody says: the one default for every entry point.
+DEFAULT_THREADS = 2
+HOST_CLOCK = "host perf_counter around each call"
+Measure = Callable[[int], "np.ndarray"]  # run n times -> each iteration's seconds
 
 # target name -> "module:class"; a module is imported only when its target is used.
 BACKENDS: dict[str, str] = {
@@ -37,43 +42,12 @@ class BuildConfig:
     """What to build. ``options`` holds backend-specific settings, validated by the backend."""
 
     precision: str = "fp32"
-    threads: int = 2
+    threads: int = DEFAULT_THREADS
     calibration: Any = None  # a deploykit.calib.CalibrationSet, or None for no calibration
     options: dict[str, Any] = field(default_factory=dict)
     # The fused nn.Module when the pipeline has one; only backends that build from PyTorch
     # (the torch target) read it. Never recorded in build.json.
     source_model: Any = None
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A built artifact: a directory holding model files and ``build.json``."""
-
-    path: Path
-    meta: dict[str, Any]
-
-    @property
-    def target(self) -> str:
-        return self.meta["target"]
-
-    @property
-    def precision(self) -> str:
-        return self.meta["precision"]
-
-    @classmethod
-    def open(cls, path: str | Path) -> Artifact:
-        path = Path(path)
-        build_json = path / BUILD_JSON
-        if not build_json.is_file():
-            raise DeployError(f"{path} is not a deploykit artifact (no {BUILD_JSON})")
-        try:
-            meta = json.loads(build_json.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DeployError(f"{build_json} is unreadable: {err}") from err
-        for key in ("target", "precision", "files"):
-            if key not in meta:
-                raise DeployError(f"{build_json} lacks {key!r}; rebuild the artifact")
-        return cls(path, meta)
 
 
 class Runner(Protocol):
@@ -84,20 +58,102 @@ class Runner(Protocol):
     def __call__(self, inputs: np.ndarray) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class MaxDropKnobs:
+    """A backend's names for the switches ``deploykit.quant.max_drop`` turns."""
+
+    per_channel: tuple[str, Any] | None  # (option, value) turning per-channel weights on; None: always per channel
+    bias_correction: tuple[str, Any] | None  # the backend's own full bias correction; None: deploykit's
+    float_layers: str | None  # option taking comma-separated op names kept in float; None: not possible
+    op_name: Callable[[Any], str] = lambda node: node.name  # ONNX Conv/Gemm NodeProto -> the option's name
+    why_no_float: str | None = None  # when float_layers is None: the reason, for the report
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str
     precisions: tuple[str, ...]
     extra: str  # the pip extra that installs it: deploykit[<extra>]
     options: dict[str, Option]  # settings it accepts (--option key=value), validated by resolve_options
+    distributions: tuple[str, ...]  # pip distributions whose version names the runtime
+    runtime_module: str | None  # what a standalone bundle runner imports; None: cannot be packaged
+    exact_version: bool  # an artifact loads only in the runtime version that built it
+    device: Literal["cpu", "gpu"]  # where it computes
+    builds_from_module: bool  # built from the fused nn.Module (BuildConfig.source_model), not from ONNX
+    export_batch: int | str  # the batch the pipeline exports the ONNX with ("dynamic": symbolic)
+    max_drop_knobs: MaxDropKnobs | None  # None: deploykit's max-drop search does not apply
+    native_max_drop_option: str | None  # an option doing the search itself (top-1 points), used instead
 
     def version(self) -> str | None:
         """The runtime's version, or None when it is not installed."""
+
+    def missing_reason(self) -> str:
+        """One line: why the target cannot run here and what to install."""
+
+    def status(self) -> str | None:
+        """What has and has not been run of this target (None: built and run in deploykit's tests)."""
+
+    def can_build(self, options: dict[str, Any]) -> bool:
+        """Whether ``build`` can run here with these (resolved) options; default: installed."""
+
+    def require(self) -> None:
+        """Raise the one-line DeployError saying why this target cannot run here (`doctor --require`)."""
+
+    def timer(self, runner: Runner, inputs: Any) -> Measure | None:
+        """The runner's own clock (device events); None: the harness times with the host clock."""
+
+    def clock(self) -> str:
+        """What ``timer`` measures, for result rows."""
+
+    def built_with(self, facts: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+        """(runtime version, device) the built files are tied to, from its build facts; (None, None):
+        not tied (the version is then the one tool_versions recorded)."""
 
     def build(self, onnx_path: Path, out_dir: Path, config: BuildConfig) -> dict[str, Any]:
         """Write model files into ``out_dir``; return backend facts for build.json."""
 
     def load(self, artifact: Artifact, *, threads: int) -> Runner: ...
+
+
+class BackendBase:
+    """Defaults of the protocol's facts; a backend overrides what differs."""
+
+    name: str
+    extra: str
+    distributions: tuple[str, ...] = ()
+    runtime_module: str | None = None
+    exact_version = False
+    device: Literal["cpu", "gpu"] = "cpu"
+    builds_from_module = False
+    export_batch: int | str = 1
+    max_drop_knobs: MaxDropKnobs | None = None
+    native_max_drop_option: str | None = None
+
+    def version(self) -> str | None:
+        module = self.runtime_module or (self.distributions[0] if self.distributions else self.name)
+        return next((v for d in self.distributions if (v := installed_version(module, d))), None)
+
+    def missing_reason(self) -> str:
+        return str(MissingBackendError(self.name, self.name, self.extra))
+
+    def status(self) -> str | None:
+        return None
+
+    def can_build(self, options: dict[str, Any]) -> bool:
+        return self.version() is not None
+
+    def require(self) -> None:
+        if self.version() is None:
+            raise DeployError(self.missing_reason())
+
+    def timer(self, runner: Runner, inputs: Any) -> Measure | None:
+        return None
+
+    def clock(self) -> str:
+        return HOST_CLOCK
+
+    def built_with(self, facts: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+        return None, None
 
 
 @dataclass(frozen=True)
@@ -191,6 +247,16 @@ def check_precision(backend: Backend, precision: str) -> None:
         raise UsageError(
             f"target {backend.name} does not build precision {precision}; choose from {', '.join(backend.precisions)}"
         )
+
+
+def packageable() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Backends a bundle can hold: name -> (module the runner imports, distributions naming its version)."""
+    found = {}
+    for name in BACKENDS:
+        backend = get_backend(name)
+        if backend.runtime_module is not None:
+            found[name] = (backend.runtime_module, backend.distributions)
+    return found
 
 
 def get_backend(name: str) -> Backend:

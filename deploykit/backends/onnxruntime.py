@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploykit.backends.base import (
-    Artifact, BuildConfig, Option, installed_version, resolve_options, run_in_batches,
+    Artifact, BackendBase, BuildConfig, MaxDropKnobs, Option, installed_version, resolve_options, run_in_batches,
 )
 from deploykit.errors import DeployError, MissingBackendError
 from deploykit.onnxio import fixed_batch, onnx_io
@@ -103,11 +103,14 @@ class _Reader:
         self.pos = 0
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(BackendBase):
     name = "onnxruntime"
     precisions = ("fp32", "fp16", "int8")
     extra = "onnxruntime"
     options = OPTIONS
+    distributions = ("onnxruntime", "onnxruntime-gpu")
+    runtime_module = "onnxruntime"
+    max_drop_knobs = MaxDropKnobs(("per_channel", True), None, "nodes_to_exclude")
 
     def version(self) -> str | None:
         return installed_version("onnxruntime", "onnxruntime") or installed_version("onnxruntime", "onnxruntime-gpu")
@@ -173,4 +176,4 @@ class OnnxRuntimeBackend:
                 raise DeployError(f"onnxruntime int8 quantization failed: {type(err).__name__}: {err}") from err
 
     def load(self, artifact: Artifact, *, threads: int) -> OnnxRuntimeRunner:
-        return OnnxRuntimeRunner(artifact.path / artifact.meta["backend"]["model_file"], threads=threads)
+        return OnnxRuntimeRunner(artifact.path / artifact.backend["model_file"], threads=threads)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from deploykit.backends.base import (
-    Artifact, BuildConfig, Option, installed_version, resolve_options, run_in_batches,
+    Artifact, BackendBase, BuildConfig, MaxDropKnobs, Option, installed_version, resolve_options, run_in_batches,
 )
 from deploykit.errors import DeployError, MissingBackendError
 
@@ -26,8 +26,8 @@ OPTIONS = {
                      "non-ReLU activations)", ("performance", "mixed"), ("int8",)),
     "fast_bias_correction": Option(True, "fast (True) or full (False) bias correction", precisions=("int8",)),
     "ignored_scope": Option("", "comma-separated node names kept in float", precisions=("int8",)),
-    "max_drop": Option(None, "largest top-1 drop allowed (0.01 = 1 point); needs labeled calibration data",
-                       precisions=("int8",), kind=float, bounds=(0.0, 1.0)),
+    "max_drop": Option(None, "largest top-1 drop allowed, in points (1.0 = one point); needs labeled "
+                       "calibration data", precisions=("int8",), kind=float, bounds=(0.0, 100.0)),
 }
 
 
@@ -82,6 +82,11 @@ def runtime_precisions(compiled: Any) -> dict[str, int]:
     return counts
 
 
+def _openvino_op_name(node: Any) -> str:
+    # OpenVINO's ONNX frontend splits Conv/Gemm with a bias into the op "<node>/WithoutBiases" + Add.
+    return f"{node.name}/WithoutBiases" if len(node.input) > 2 and node.input[2] else node.name
+
+
 class OpenVINORunner:
     def __init__(self, path: Path, *, threads: int, batch: int | None) -> None:
         self.threads = threads
@@ -99,11 +104,15 @@ class OpenVINORunner:
         return run_in_batches(run, np.ascontiguousarray(inputs, dtype=np.float32), self.batch)
 
 
-class OpenVINOBackend:
+class OpenVINOBackend(BackendBase):
     name = "openvino"
     precisions = ("fp32", "fp16", "int8")
     extra = "openvino"
     options = OPTIONS
+    distributions = ("openvino",)
+    runtime_module = "openvino"
+    max_drop_knobs = MaxDropKnobs(None, ("fast_bias_correction", False), "ignored_scope", _openvino_op_name)
+    native_max_drop_option = "max_drop"  # NNCF's accuracy control does the search itself
 
     def version(self) -> str | None:
         return installed_version("openvino", "openvino")
@@ -158,16 +167,17 @@ class OpenVINOBackend:
                 raise DeployError("max_drop needs labeled calibration data (one folder per class)")
             validation = nncf.Dataset(list(zip(calib.held_out, calib.held_out_labels)), lambda item: item[0][None])
             quantized = nncf.quantize_with_accuracy_control(
-                model, dataset, validation, _top1_on, max_drop=options["max_drop"], **common
-            )
-            return quantized, {"accuracy_control": {"max_drop": options["max_drop"], "samples": len(calib.held_out)}}
+                model, dataset, validation, _top1_on, max_drop=options["max_drop"] / 100.0, **common
+            )  # NNCF's max_drop is a fraction; recorded as NNCF took it
+            return quantized, {"accuracy_control": {"max_drop": options["max_drop"] / 100.0,
+                                                    "samples": len(calib.held_out)}}
         except DeployError:
             raise
         except Exception as err:  # NNCF raises ValidationError, RuntimeError, ... with long texts
             raise DeployError(f"openvino int8 quantization (nncf) failed: {_first_line(err)}") from err
 
     def load(self, artifact: Artifact, *, threads: int) -> OpenVINORunner:
-        backend = artifact.meta["backend"]
+        backend = artifact.backend
         return OpenVINORunner(artifact.path / backend["model_file"], threads=threads, batch=backend.get("batch"))
 
 

@@ -7,7 +7,7 @@ precision, so the same recipe works on TensorRT 10 (strong typing opted in) and 
 - fp32: the exported ONNX as is;
 - fp16: the ONNX converted to float16 with float32 inputs/outputs
   (``onnxruntime.transformers.float16``; NVIDIA's own route is ModelOpt AutoCast);
-- int8: a Q/DQ ONNX from deploykit's calibration set (:mod:`deploykit.quant.qdq`). Never the
+- int8: a Q/DQ ONNX from deploykit's calibration set (:mod:`deploykit.backends.qdq`). Never the
   implicit ``IInt8Calibrator`` path (deprecated in TensorRT 10.1, removed in 11).
 
 An artifact holds the ONNX the engine is built from (``model.<precision>.onnx``), the engine
@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from deploykit.backends.base import Artifact, BuildConfig, Option, resolve_options
+from deploykit.backends.base import Artifact, BackendBase, BuildConfig, Option, resolve_options
 from deploykit.errors import DeployError, MissingBackendError
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def _onnxruntime_check(reference_onnx: Path, candidate_onnx: Path, inputs: Any, 
     """The engine's source ONNX against the FP32 ONNX, both on ORT's CPU provider."""
     import numpy as np
 
-    from deploykit.quant.qdq import run_onnxruntime
+    from deploykit.backends.qdq import run_onnxruntime
     from deploykit.verify import compare
 
     reference = run_onnxruntime(reference_onnx, inputs, threads=threads)
@@ -151,7 +151,7 @@ def emit_tensorrt_bundle(onnx_path: Path, out_dir: Path, precision: str, calibra
     """
     import onnx
 
-    from deploykit.quant.qdq import quantize_qdq
+    from deploykit.backends.qdq import quantize_qdq
 
     options = resolve_options("tensorrt", OPTIONS, options or {}, precision)
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
@@ -215,13 +215,38 @@ def check_compatible(built: dict[str, Any], current: dict[str, Any], engine: str
         )
 
 
-class TensorRTBackend:
+class TensorRTBackend(BackendBase):
     name = "tensorrt"
     precisions = ("fp32", "fp16", "int8")
     extra = "tensorrt"
     options = OPTIONS
-    missing_reason = str(MissingBackendError("tensorrt", NEEDS, "tensorrt"))  # read by bench and build
+    distributions = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")
+    runtime_module = "tensorrt"
+    exact_version = True  # an engine loads only in the TensorRT version that built it
+    device = "gpu"
     export_batch = "dynamic"  # engines get a min/opt/max batch profile (when the pipeline honours it)
+
+    def missing_reason(self) -> str:
+        return str(MissingBackendError("tensorrt", NEEDS, "tensorrt"))
+
+    def require(self) -> None:
+        from deploykit.preflight import require_tensorrt
+
+        require_tensorrt()  # every check (GPU, driver, CUDA, compute capability, TensorRT) with its fix
+
+    def can_build(self, options: dict[str, Any]) -> bool:
+        # emit_only: write what builds the engine elsewhere; the runtime is not needed here.
+        return bool(options.get("emit_only")) or self.version() is not None
+
+    def timer(self, runner: Any, inputs: Any):
+        return runner.timer(inputs)  # CUDA events (see tensorrt_runtime)
+
+    def clock(self) -> str:
+        return "CUDA events around each execution (device time)"
+
+    def built_with(self, facts: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+        environment = facts.get("environment") or {}
+        return environment.get("tensorrt_version"), {k: environment.get(k) for k in ("gpu_name", "compute_capability")}
 
     def version(self) -> str | None:
         try:
@@ -258,7 +283,7 @@ class TensorRTBackend:
                 "timing_cache": str(cache), "builder": built}
 
     def load(self, artifact: Artifact, *, threads: int):
-        meta = artifact.meta.get("backend") or {}
+        meta = artifact.backend
         if meta.get("emit_only") or not meta.get("model_file"):
             raise DeployError(
                 f"{artifact.path} was written with --emit-only and holds no engine built by deploykit; "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deploykit.backends.base import Artifact, BuildConfig, Option, installed_version, resolve_options
+from deploykit.backends.base import Artifact, BackendBase, BuildConfig, Option, installed_version, resolve_options
 from deploykit.errors import DeployError
 
 MODEL_FILE = "model.pt2"
@@ -34,10 +34,12 @@ class TorchRunner:
         return out.float().numpy()
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     name = "torch"
     precisions = ("fp32",)
     extra = "all"  # torch is a core dependency
+    distributions = ("torch",)
+    builds_from_module = True
     options: dict[str, Option] = {}
 
     def version(self) -> str | None:
@@ -65,7 +67,7 @@ class TorchBackend:
     def load(self, artifact: Artifact, *, threads: int) -> TorchRunner:
         import torch
 
-        path = artifact.path / artifact.meta["backend"]["model_file"]
+        path = artifact.path / artifact.backend["model_file"]
         try:
             module = torch.export.load(str(path)).module()
         except Exception as err:

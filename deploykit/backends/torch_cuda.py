@@ -24,10 +24,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deploykit.backends.base import Artifact, BuildConfig, Option, resolve_options
+from deploykit.backends.base import Artifact, BackendBase, BuildConfig, Option, resolve_options
 from deploykit.errors import DeployError, UsageError
 
 MODEL_FILE = "model.pt2"
+STATUS = ("written to the PyTorch CUDA documentation, never executed on deploykit's test machines (no GPU); "
+          "sweeps record its rows as skipped")
 CUDA_GRAPH_WARMUP = 3  # iterations on a side stream before capture, as the CUDA graphs docs do
 
 OPTIONS = {
@@ -141,13 +143,24 @@ class TorchCudaRunner:
         return measure
 
 
-class TorchCudaBackend:
+class TorchCudaBackend(BackendBase):
     name = "torch-cuda"
     precisions = ("fp32", "fp16")
     extra = "all"  # torch is a core dependency; the GPU build of torch comes from pytorch.org
     options = OPTIONS
+    distributions = ("torch",)
+    device = "gpu"
+    builds_from_module = True
 
-    @property
+    def status(self) -> str | None:
+        return None if _cuda_available() else STATUS
+
+    def timer(self, runner: TorchCudaRunner, inputs: Any):
+        return runner.timer(inputs)
+
+    def clock(self) -> str:
+        return TorchCudaRunner.clock
+
     def missing_reason(self) -> str:
         return ("target torch-cuda needs an NVIDIA GPU and a CUDA build of PyTorch: "
                 "torch.cuda.is_available() is False on this machine")
@@ -173,7 +186,7 @@ class TorchCudaBackend:
         from deploykit.onnxio import onnx_io
 
         if not _cuda_available():
-            raise DeployError(self.missing_reason)
+            raise DeployError(self.missing_reason())
         options = self._options(config.options, config.precision)
         if config.source_model is None:
             raise DeployError("target torch-cuda builds from a PyTorch model, not from an .onnx file")
@@ -196,8 +209,8 @@ class TorchCudaBackend:
         import torch
 
         if not _cuda_available():
-            raise DeployError(self.missing_reason)
-        facts = artifact.meta["backend"]
+            raise DeployError(self.missing_reason())
+        facts = artifact.backend
         path = artifact.path / facts["model_file"]
         try:
             module = torch.export.load(str(path)).module()

@@ -22,16 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from deploykit.backends.base import BUILD_JSON, BUILD_SCHEMA_VERSION, Artifact, BuildConfig, check_precision, get_backend
+from deploykit.artifact import SCHEMA_VERSION, Artifact, is_artifact, write_record
+from deploykit.backends.base import BuildConfig, check_precision, get_backend
 from deploykit.bench.spec import Config, ModelSpec, SweepSpec
-from deploykit.errors import DeployError, MissingBackendError
+from deploykit.errors import DeployError
 
 logger = logging.getLogger(__name__)
-
-# Targets whose artifact is the nn.Module itself: built here, not through deploykit.build,
-# which takes an .onnx file for the ONNX-based targets (the form, batch and model keywords of a
-# sweep are in that ONNX).
-BUILD_FROM_MODULE = ("torch", "torch-cuda")
 
 # Same weights in two layouts must agree to float32 rounding (relative to the logits' scale).
 WEIGHTS_FROM_TOLERANCE_REL = 1e-4
@@ -48,6 +44,7 @@ class Prepared:
     inputs: np.ndarray
     artifact: Artifact
     build: dict[str, Any] = field(default_factory=dict)
+    backend: Any = None  # the Backend: how its runners are timed (Backend.timer, Backend.clock)
 
 
 def check_runnable(config: Config) -> Any:
@@ -59,8 +56,7 @@ def check_runnable(config: Config) -> Any:
     except DeployError as err:
         raise NotRunnable(str(err)) from err
     if backend.version() is None:
-        reason = getattr(backend, "missing_reason", None)
-        raise NotRunnable(reason or str(MissingBackendError(backend.name, backend.name, backend.extra)))
+        raise NotRunnable(backend.missing_reason())
     try:
         check_precision(backend, config.precision)
         if _is_zoo_name(config.model.name):
@@ -89,7 +85,7 @@ def _model_identity(config: Config, spec: SweepSpec) -> dict[str, Any]:
         "num_classes": spec.num_classes,
         "cifar": spec.cifar,
         "seed": spec.seed,
-        "schema": BUILD_SCHEMA_VERSION,
+        "schema": SCHEMA_VERSION,
     }
 
 
@@ -189,31 +185,20 @@ def _build_with_pipeline(config: Config, spec: SweepSpec, onnx_path: Path, out: 
 
 
 def _build_from_module(config: Config, backend: Any, model: Any, onnx_path: Path, out: Path) -> None:
-    """Targets that run the nn.Module itself (build.py takes only .onnx for the others)."""
+    """Targets built from the nn.Module itself (build.py takes only .onnx for the others)."""
+    from deploykit.files import atomic_dir
     from deploykit.onnxio import onnx_io
-    from deploykit.device import tool_versions
-    from deploykit.files import atomic_dir, sha256_tree
 
     start = time.perf_counter()
     with atomic_dir(out, force=True) as tmp:
         facts = backend.build(onnx_path, tmp, BuildConfig(precision=config.precision, threads=config.threads,
                                                           options=dict(config.target.options), source_model=model))
-        files = sha256_tree(tmp)
-        meta = {
-            "schema_version": BUILD_SCHEMA_VERSION,
-            "target": config.target.name,
-            "precision": config.precision,
-            "threads": config.threads,
-            "model": {"name": config.model.label, "spec": config.model.model_dump(), "form": config.form},
-            **onnx_io(onnx_path),
-            "backend": facts,
-            "versions": tool_versions(),
-            "size_bytes": sum((tmp / name).stat().st_size for name in files),
-            "files": files,
-            "build_seconds": round(time.perf_counter() - start, 3),
-            "built_by": "deploykit.bench (no verification: the artifact is the module itself)",
-        }
-        (tmp / BUILD_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        write_record(
+            tmp, target=config.target.name, precision=config.precision, threads=config.threads,
+            model={"name": config.model.label, "spec": config.model.model_dump(), "form": config.form},
+            **onnx_io(onnx_path), backend=facts, build_seconds=round(time.perf_counter() - start, 3),
+            built_by="deploykit.bench (no verification: the artifact is the module itself)",
+        )
 
 
 def exported_onnx(config: Config, spec: SweepSpec) -> tuple[Path, dict[str, Any]]:
@@ -246,12 +231,12 @@ def build_artifact(config: Config, spec: SweepSpec, backend: Any) -> tuple[Artif
 
     out = artifact_dir(config, spec)
     sidecar = out.with_name(out.name + ".bench.json")
-    if (out / BUILD_JSON).is_file() and sidecar.is_file():
+    if is_artifact(out) and sidecar.is_file():
         logger.info("reusing %s", out)
         return Artifact.open(out), {**json.loads(sidecar.read_text()), "cached": True}
     start = time.perf_counter()
     onnx_path, facts = exported_onnx(config, spec)
-    if config.target.name in BUILD_FROM_MODULE:
+    if backend.builds_from_module:
         model, _, _ = instantiate(config, spec, certify=False)  # certified by exported_onnx
         _build_from_module(config, backend, model, onnx_path, out)
     else:
@@ -271,13 +256,13 @@ def prepare(config: Config, spec: SweepSpec, backend: Any) -> Prepared:
     out = np.asarray(runner(inputs))
     if out.shape[0] != config.batch or not np.all(np.isfinite(out)):
         raise DeployError(f"{config.short()}: the artifact returned shape {out.shape} or non-finite values")
-    verification = artifact.meta.get("verification") or {}
+    verification = artifact.record.verification or {}
     build = {
         "path": str(artifact.path),
         **facts,
-        "size_bytes": artifact.meta.get("size_bytes"),
+        "size_bytes": artifact.record.size_bytes,
         "runtime_version": backend.version(),
         "verified": verification.get("passed"),
         "cosine_min": verification.get("cosine_min"),
     }
-    return Prepared(config, runner, inputs, artifact, build)
+    return Prepared(config, runner, inputs, artifact, build, backend)

@@ -29,7 +29,7 @@ Progress = Callable[[int, int, str], None]
 Prepare = Callable[[Config, SweepSpec], Any]
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a key of the interleaved rounds
 class _Timed:
     """A configuration being timed: its runner, warm-up result and round times so far."""
 
@@ -127,12 +127,12 @@ class _Sweep:
                 self._tick(config.short(), 1 + self.spec.rounds)
                 continue
             self._tick(f"built {config.short()}")
-            live.append(_Timed(config, prepared, timer_for(prepared.runner, prepared.inputs)))
+            live.append(_Timed(config, prepared, timer_for(prepared.backend, prepared.runner, prepared.inputs)))
         return live
 
     def run_group(self, group: list[Config]) -> None:
         """Prepare, warm up, then time every configuration of ``group`` round by round, interleaved."""
-        from deploykit.bench.timing import iterations_per_round, time_round, warm_up
+        from deploykit.bench.timing import interleaved_rounds, iterations_per_round, warm_up
 
         spec = self.spec
         live = self._prepare_all(group)
@@ -147,16 +147,19 @@ class _Sweep:
                 continue
             item.iterations = iterations_per_round(item.warmup.per_iteration_s, spec.min_round_time)
         run_id = uuid.uuid4().hex[:12]
-        for round_index in range(spec.rounds):
-            for item in list(live):
-                try:
-                    item.rounds.append(time_round(item.measure, item.iterations).tolist())
-                except Exception as err:
-                    self._fail(item.config, "failed", err)
-                    live.remove(item)
-                    self._tick(item.config.short(), spec.rounds - round_index)
-                    continue
-                self._tick(f"round {round_index + 1}/{spec.rounds} {item.config.short()}")
+
+        def failed(item: _Timed, round_index: int, err: Exception) -> None:
+            self._fail(item.config, "failed", err)
+            live.remove(item)
+            self._tick(item.config.short(), spec.rounds - round_index)
+
+        times = interleaved_rounds(
+            {item: item.measure for item in live}, {item: item.iterations for item in live}, spec.rounds,
+            on_error=failed,
+            on_round=lambda item, r: self._tick(f"round {r + 1}/{spec.rounds} {item.config.short()}"),
+        )
+        for item in live:
+            item.rounds = [r.tolist() for r in times[item]]
         for item in live:
             try:
                 self._finish(item, run_id)
@@ -177,7 +180,7 @@ class _Sweep:
             memory = measure_memory(prepared.artifact.path, threads=config.threads, batch=config.batch,
                                     input_size=int(prepared.inputs.shape[-1]),
                                     iterations=self.spec.memory_iterations, seed=self.spec.seed)
-        clock = getattr(prepared.runner, "clock", "host perf_counter around each call")
+        clock = prepared.backend.clock()
         self._row(
             config, results.STATUS_OK,
             group_run=run_id,
@@ -232,8 +235,8 @@ def run_sweep(
 ) -> SweepOutcome:
     """Measure every configuration of ``spec`` not yet in ``results_path`` (for this device).
 
-    ``prepare(config, spec)`` returns an object with ``runner``, ``inputs``, ``artifact`` and
-    ``build``; the default builds artifacts through the backends. ``retry_failed`` measures
+    ``prepare(config, spec)`` returns an object with ``runner``, ``inputs``, ``artifact``,
+    ``build`` and ``backend``; the default builds artifacts through the backends. ``retry_failed`` measures
     configurations whose earlier row failed or was skipped again.
     """
     sweep = _Sweep(spec, results_path, command=command, prepare=prepare or _default_prepare, on_progress=on_progress)

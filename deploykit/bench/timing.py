@@ -1,17 +1,30 @@
-"""The timing protocol: warm up until stable, then rounds of N iterations each.
+"""The one timing harness: every latency figure deploykit reports goes through this module.
 
 A *measure* function runs the model ``n`` times and returns each iteration's time in
-seconds. On CPU that is a host clock around each call (``host_timer``); a runner that
-times itself (the torch-cuda target, with CUDA events) provides ``runner.timer(inputs)``.
-Interleaving rounds across configurations is the sweep's job: this module times one round.
+seconds. On CPU that is a host clock around each call (``host_timer``); a backend whose
+runners time themselves (CUDA events) returns its own from ``Backend.timer`` (``timer_for``).
+
+The protocol: each configuration is warmed up until its timings are stable (``warm_up``),
+gets enough iterations for a round to last ``min_round_time_s`` (``iterations_per_round``),
+then ``interleaved_rounds`` times the configurations one round at a time.
+
+Interleaving order (chosen once, for every caller): round r times every live configuration
+once, in the same order each round -- A B C, A B C, ... -- so slow drift of the machine
+(thermal, other load) hits all of them alike, and round r of A and round r of B ran back to
+back: a fair pair for paired ratios (``deploykit.bench.stats.ratio_of_medians``).
+
+Users: the sweeps (``bench.sweep``, which includes the CPU-targets report), built artifacts side
+by side (``bench.artifacts``: the quantization study), and the bundle's recorded latency
+(``package.bundle``, via ``fixed_iterations``). The standalone bundle runner keeps a copy of
+``fixed_iterations`` because it runs without deploykit installed.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,10 +56,10 @@ def host_timer(run: Callable[[Any], Any], inputs: Any) -> Measure:
     return measure
 
 
-def timer_for(runner: Any, inputs: Any) -> Measure:
-    """The runner's own timer when it has one (device clocks), else the host clock."""
-    own = getattr(runner, "timer", None)
-    return own(inputs) if callable(own) else host_timer(runner, inputs)
+def timer_for(backend: Any, runner: Any, inputs: Any) -> Measure:
+    """The backend's own timer for ``runner`` when it has one (device clocks), else the host clock."""
+    own = backend.timer(runner, inputs)
+    return own if own is not None else host_timer(runner, inputs)
 
 
 def warm_up(
@@ -91,3 +104,50 @@ def iterations_per_round(per_iteration_s: float, min_round_time_s: float, *, min
 def time_round(measure: Measure, iterations: int) -> np.ndarray:
     """One round: per-iteration times in milliseconds."""
     return measure(iterations) * 1e3
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def interleaved_rounds(
+    measures: dict[K, Measure],
+    iterations: dict[K, int],
+    rounds: int,
+    *,
+    on_error: Callable[[K, int, Exception], None] | None = None,
+    on_round: Callable[[K, int], None] | None = None,
+) -> dict[K, list[np.ndarray]]:
+    """Time ``rounds`` rounds in the documented order (every key once per round, dict order).
+
+    Returns each key's per-round times in ms. A key whose measure raises is dropped from the
+    remaining rounds and reported to ``on_error(key, round_index, err)`` (re-raised without it).
+    """
+    times: dict[K, list[np.ndarray]] = {key: [] for key in measures}
+    live = list(measures)
+    for round_index in range(rounds):
+        for key in list(live):
+            try:
+                times[key].append(time_round(measures[key], iterations[key]))
+            except Exception as err:
+                if on_error is None:
+                    raise
+                live.remove(key)
+                del times[key]
+                on_error(key, round_index, err)
+                continue
+            if on_round is not None:
+                on_round(key, round_index)
+    return times
+
+
+def fixed_iterations(measure: Measure, *, warmup: int, iterations: int) -> dict[str, float]:
+    """Median and p90 (ms) of ``iterations`` calls after ``warmup`` untimed ones: a quick figure
+    (a bundle's self-test band), not a comparison -- those use rounds."""
+    measure(warmup)
+    times_ms = measure(iterations) * 1e3
+    return {"median_ms": float(np.median(times_ms)), "p90_ms": float(np.percentile(times_ms, 90)),
+            "iterations": iterations}
+
+
+def medians_ms(rounds: Sequence[np.ndarray]) -> list[float]:
+    return [float(np.median(r)) for r in rounds]

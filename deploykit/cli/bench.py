@@ -16,7 +16,9 @@ def _invocation() -> str:
 
 @click.command()
 @click.option("--sweep", "sweep_file", type=click.Path(path_type=Path), help="Sweep YAML (e.g. sweeps/*.yaml); flags below override its keys.")
-@click.option("--results", type=click.Path(path_type=Path), required=True, help="JSONL file the rows are appended to; rerunning resumes.")
+@click.option("--results", type=click.Path(path_type=Path), required=True, help="JSONL file the rows are appended to; rerunning resumes (with --artifact: a JSON list, replaced).")
+@click.option("--artifact", "artifacts", multiple=True, type=click.Path(path_type=Path), help="Time these built artifact directories side by side instead of a sweep; repeatable.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Target option for every --target, repeatable (as `deploykit build --option`).")
 @click.option("--model", "models", multiple=True, help="Model (zoo name, file.py:factory, checkpoint); repeatable.")
 @click.option("--form", "forms", multiple=True, type=click.Choice(["deploy", "train"]), help="deploy: fused; train: multi-branch as built. Repeatable.")
 @click.option("--target", "targets", multiple=True, help="Target (see `deploykit targets`); repeatable.")
@@ -35,7 +37,8 @@ def _invocation() -> str:
 @click.option("--cache-dir", default=None, help="Where built artifacts are kept and reused (default build/bench-cache).")
 @click.option("--retry-failed", is_flag=True, help="Measure again configurations whose earlier row failed or was skipped.")
 @click.option("--name", default=None, help="Sweep name recorded in the rows.")
-def bench(sweep_file: Path | None, results: Path, retry_failed: bool, **flags: Any) -> None:
+def bench(sweep_file: Path | None, results: Path, artifacts: tuple[Path, ...], options: tuple[str, ...],
+          retry_failed: bool, **flags: Any) -> None:
     """Measure latency over models x targets x precisions x batch sizes x threads.
 
     Rows are appended to RESULTS as each group of configurations finishes; a configuration
@@ -47,6 +50,7 @@ def bench(sweep_file: Path | None, results: Path, retry_failed: bool, **flags: A
       deploykit bench --sweep sweeps/convnext-fc-vs-conv.yaml --results results/convnext.jsonl
       deploykit bench --model repvgg_a0 --form train --form deploy --target onnxruntime \\
           --threads 2 --results results/repvgg.jsonl
+      deploykit bench --artifact build/a-fp32 --artifact build/a-int8 --threads 2 --results latency.json
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -55,8 +59,16 @@ def bench(sweep_file: Path | None, results: Path, retry_failed: bool, **flags: A
     from deploykit.bench.sweep import run_sweep
     from deploykit.errors import UsageError
 
+    if artifacts:
+        _bench_artifacts(list(artifacts), results, flags)
+        return
     overrides = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     overrides = {k: v for k, v in overrides.items() if v not in (None, [])}
+    if options:
+        from deploykit.cli.build import _parse_options
+
+        parsed = _parse_options(options)
+        overrides["targets"] = [{"name": t, "options": parsed} for t in overrides.get("targets", ["onnxruntime"])]
     if sweep_file is not None:
         spec = load_sweep(sweep_file, **overrides)
     elif "models" not in overrides:
@@ -80,6 +92,26 @@ def bench(sweep_file: Path | None, results: Path, retry_failed: bool, **flags: A
             click.echo(f"  {row['status']}: {row['config']['model']} {row['config']['target']} "
                        f"{row['config']['precision']}: {row['reason']}")
     click.echo(f"next: deploykit report latency {results} --out reports/{spec.name}")
+
+
+def _bench_artifacts(artifacts: list[Path], results: Path, flags: dict[str, Any]) -> None:
+    from deploykit.bench.artifacts import DEFAULT_ROUNDS, artifact_latency
+    from deploykit.cli.options import DEFAULT_THREADS, write_json
+    from deploykit.errors import UsageError
+
+    timing = ("threads", "rounds", "min_round_time")
+    grid = sorted(k for k, v in flags.items() if k not in timing and v not in (None, ()))
+    if grid:
+        raise UsageError(f"--artifact times built artifacts; {', '.join(grid)} apply to sweeps only")
+    threads = flags.get("threads") or ()
+    if len(threads) > 1:
+        raise UsageError("--artifact takes one --threads")
+    extra = {"round_seconds": flags["min_round_time"]} if flags.get("min_round_time") else {}
+    rows = artifact_latency(artifacts, threads=threads[0] if threads else DEFAULT_THREADS,
+                            rounds=flags.get("rounds") or DEFAULT_ROUNDS, **extra)
+    write_json(results, rows, force=True)
+    for row in rows:
+        click.echo(f"{row['artifact']}: {row['median_ms']:.3f} ms (median of {len(row['round_medians_ms'])} rounds)")
 
 
 @click.group()

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from deploykit.cli.options import DEFAULT_THREADS, DEFAULT_VERIFY_SAMPLES
+
 PRECISIONS = ("fp32", "fp16", "int8", "w8")
 
 
@@ -56,25 +58,27 @@ def _logs_to(console: Any) -> Iterator[None]:
               help="Calibration recipe (calib/NAME.yaml) or data: image folder, .tar.gz tree, .npy/.npz.")
 @click.option("--calib-recipe", default=None, metavar="NAME", help="Preprocessing recipe for --calib PATH.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Calibration sample count.")
-@click.option("--verify-samples", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--verify-samples", type=click.IntRange(min=1), default=DEFAULT_VERIFY_SAMPLES, show_default=True,
               help="Held-out inputs the artifact is verified on.")
 @click.option("--seed", type=int, default=None, help="Seed of the calibration subset (default: the recipe's).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Artifact directory (default build/MODEL-TARGET-PRECISION).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default 2).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help=f"Runtime threads (default: the profile's, else {DEFAULT_THREADS}).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Target option, repeatable; valid keys: `deploykit targets --json`.")
 @click.option("--max-drop", type=float, default=None, help="int8: largest top-1 drop in points (1.0 = one point): openvino uses NNCF accuracy control; "
                    "onnxruntime/mnn try per-channel, equalization, bias correction, then float layers.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size for zoo models.")
 @click.option("--cifar", is_flag=True, default=None, help="Zoo model in its CIFAR (32x32) form.")
+@click.option("--input-size", type=click.IntRange(8, 4096), default=None,
+              help="Input height/width of a zoo MODEL (default: the model's).")
 @click.option("--emit-only", is_flag=True,
               help="tensorrt: write the ONNX, calibration summary and trtexec command; build no engine here.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 def build(model: str, target: str, precision: str | None, calib: str | None, calib_recipe: str | None,
           calib_samples: int | None, verify_samples: int, seed: int | None, out: Path | None, threads: int | None,
           options: tuple[str, ...], max_drop: float | None, num_classes: int | None, cifar: bool | None,
-          emit_only: bool, force: bool) -> None:
+          input_size: int | None, emit_only: bool, force: bool) -> None:
     """Build a verified artifact for TARGET from MODEL (zoo name, file.py:factory, checkpoint or .onnx).
 
     Fuses, exports, converts or quantizes, then verifies the artifact against the model on
@@ -96,7 +100,8 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
     request = BuildRequest(
         model=model, target=target, precision=precision, calib=calib, calib_recipe=calib_recipe,
         calib_samples=calib_samples, out=out, threads=threads, options=parsed, force=force,
-        num_classes=num_classes, cifar=cifar, verify_samples=verify_samples, seed=seed, max_drop=max_drop,
+        num_classes=num_classes, cifar=cifar, input_size=input_size, verify_samples=verify_samples, seed=seed,
+        max_drop=max_drop,
     )
     console = _stderr_console()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -113,7 +118,7 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
         if task is not None:
             progress.update(task, completed=1, total=1)
     _print_build(result.meta, result.path)
-    backend_facts = result.meta.get("backend") or {}
+    backend_facts = result.record.backend
     if backend_facts.get("emit_only"):
         click.echo(f"no engine built here; on a machine with TensorRT run: {backend_facts.get('trtexec')}")
         click.echo(f"(or: cd {result.path} && bash build_engine.sh)")
@@ -142,14 +147,15 @@ def _print_build(meta: dict[str, Any], path: Path) -> None:
 @click.option("--data", required=True, help="Labeled images: folder tree (one folder per class) or .tar.gz.")
 @click.option("--split", default="test", show_default=True, help="Subfolder of --data to use when present.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate a seeded subset of N images.")
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--recipe", default=None, help="Preprocessing recipe (default: the artifact's stored one).")
+@click.option("--calib-recipe", default=None, metavar="NAME",
+              help="Preprocessing recipe (default: the artifact's stored one, else the model's default).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="For a zoo MODEL.")
 @click.option("--cifar", is_flag=True, default=None, help="For a zoo MODEL: its CIFAR form.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(subject: str, data: str, split: str, limit: int | None, threads: int, batch_size: int,
-             recipe: str | None, num_classes: int | None, cifar: bool | None, as_json: bool) -> None:
+             calib_recipe: str | None, num_classes: int | None, cifar: bool | None, as_json: bool) -> None:
     """Top-1 accuracy of an artifact (or a model, or an .onnx file) on a labeled image folder.
 
     An artifact is fed with the preprocessing stored in its build.json.
@@ -164,7 +170,7 @@ def evaluate(subject: str, data: str, split: str, limit: int | None, threads: in
     from deploykit.evaluate import open_evaluable
 
     console = _stderr_console()
-    evaluable = open_evaluable(subject, threads=threads, num_classes=num_classes, cifar=cifar, recipe=recipe)
+    evaluable = open_evaluable(subject, threads=threads, num_classes=num_classes, cifar=cifar, calib_recipe=calib_recipe)
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("eval", total=None)
@@ -199,7 +205,7 @@ def targets(as_json: bool) -> None:
         rows.append({"target": name, "available": version is not None, "version": version,
                      "precisions": list(backend.precisions), "install": f"pip install 'deploykit[{backend.extra}]'",
                      "options": sorted(backend.options),
-                     "status": backend.status() if hasattr(backend, "status") else None})
+                     "status": backend.status()})
     profiles = []
     for name, path in list_profiles().items():
         try:

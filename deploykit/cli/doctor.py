@@ -26,7 +26,7 @@ def doctor(as_json: bool, required: tuple[str, ...]) -> None:
     from rich.table import Table
 
     from deploykit.backends.base import BACKENDS, get_backend
-    from deploykit.errors import DeployError, MissingBackendError, UsageError
+    from deploykit.errors import DeployError, UsageError
     from deploykit.preflight import checks_as_dicts, evaluate, gather_facts, require_tensorrt
 
     facts = gather_facts()
@@ -38,12 +38,10 @@ def doctor(as_json: bool, required: tuple[str, ...]) -> None:
         verdict = str(err)
     runtimes = []
     for name in sorted(BACKENDS):
-        if name == "tensorrt":
-            continue
         backend = get_backend(name)
         version = backend.version()
-        runtimes.append({"name": name, "status": "ok" if version else "fail", "detail": version or "not installed",
-                         "fix": "" if version else f"pip install 'deploykit[{backend.extra}]'"})
+        runtimes.append({"name": name, "device": backend.device, "status": "ok" if version else "fail",
+                         "detail": version or "not installed", "fix": "" if version else backend.missing_reason()})
     if as_json:
         click.echo(json.dumps({"tensorrt": checks, "tensorrt_verdict": verdict, "environment": facts.environment(),
                                "runtimes": runtimes}, indent=2))
@@ -53,20 +51,17 @@ def doctor(as_json: bool, required: tuple[str, ...]) -> None:
         for row in checks:
             table.add_row(row["name"], f"[{colour[row['status']]}]{row['status']}", escape(row["detail"] or "-"),
                           escape(row["fix"]))
-        runtime_table = Table("target", "status", "found", "fix", title="CPU runtimes")
-        for row in runtimes:
-            runtime_table.add_row(row["name"], f"[{colour[row['status']]}]{row['status']}", escape(row["detail"]),
-                                  escape(row["fix"]))
         console = Console()
         console.print(table)
         console.print(escape(verdict))
-        console.print(runtime_table)
+        for device in ("cpu", "gpu"):
+            runtime_table = Table("target", "status", "found", "fix", title=f"{device.upper()} runtimes")
+            for row in runtimes:
+                if row["device"] == device:
+                    runtime_table.add_row(row["name"], f"[{colour[row['status']]}]{row['status']}",
+                                          escape(row["detail"]), escape(row["fix"]))
+            console.print(runtime_table)
     for target in required:
-        if target == "tensorrt":
-            require_tensorrt(facts)
-        elif target in BACKENDS:
-            backend = get_backend(target)
-            if backend.version() is None:
-                raise MissingBackendError(target, target, backend.extra)
-        else:
+        if target not in BACKENDS:
             raise UsageError(f"--require {target}: unknown target; choose from {', '.join(sorted(BACKENDS))}")
+        get_backend(target).require()

@@ -8,6 +8,11 @@ from typing import Any
 
 import click
 
+from deploykit.backends.base import DEFAULT_THREADS  # noqa: F401  (the one default, re-exported for the CLI)
+from deploykit.build import DEFAULT_VERIFY_SAMPLES  # noqa: F401
+
+DEFAULT_ANALYZE_SAMPLES = 512  # held-out samples `deploykit analyze` measures every figure on
+
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--num-classes, --cifar, --input-size: how to build a zoo MODEL."""

@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from deploykit.cli.options import DEFAULT_ANALYZE_SAMPLES, DEFAULT_THREADS
+
 
 def _progress_ui(console: Any) -> Any:
     """A TrainProgress drawing one rich bar per epoch and printing a line when an epoch ends."""
@@ -63,7 +65,7 @@ def _progress_ui(console: Any) -> Any:
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda on a GPU machine.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on a seeded subset of N images.")
 @click.option("--val-limit", type=click.IntRange(min=1), default=None, help="Validate on a seeded subset of N images.")
@@ -159,7 +161,7 @@ def train(model: str, data: str, out: Path, epochs: int, batch_size: int, lr: fl
 @click.option("--calib-recipe", default=None, metavar="NAME", help="Preprocessing recipe for --calib PATH.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None,
               help="Calibration samples (default: the recipe's, or the artifact's).")
-@click.option("--eval-samples", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--verify-samples", type=click.IntRange(min=1), default=DEFAULT_ANALYZE_SAMPLES, show_default=True,
               help="Held-out samples every figure is measured on.")
 @click.option("--seed", type=int, default=None, help="Seed of the calibration subset (default: the recipe's).")
 @click.option("--per-tensor", is_flag=True, help="Score layers with per-tensor weight scales (default per-channel).")
@@ -171,7 +173,7 @@ def train(model: str, data: str, out: Path, epochs: int, batch_size: int, lr: fl
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="For a zoo MODEL.")
 @click.option("--cifar", is_flag=True, default=None, help="For a zoo MODEL: its CIFAR form.")
 @click.option("--force", is_flag=True, help="Replace --out.")
-def analyze(subject: str, calib: str | None, calib_recipe: str | None, calib_samples: int | None, eval_samples: int,
+def analyze(subject: str, calib: str | None, calib_recipe: str | None, calib_samples: int | None, verify_samples: int,
             seed: int | None, per_tensor: bool, top: int, test_data: str | None, test_limit: int | None, out: Path,
             num_classes: int | None, cifar: bool | None, force: bool) -> None:
     """Per-layer INT8 diagnosis of a model or of the model behind an artifact.
@@ -209,7 +211,7 @@ def analyze(subject: str, calib: str | None, calib_recipe: str | None, calib_sam
     with console.status("loading calibration data"):
         calibration = load_calibration(
             data, input_size=target.input_size, num_samples=calib_samples or stored.get("count"),
-            num_verify=eval_samples, seed=seed if seed is not None else stored.get("seed"),
+            num_verify=verify_samples, seed=seed if seed is not None else stored.get("seed"),
             recipe=calib_recipe or (stored.get("recipe") if calib is None else None),
         )
     if len(calibration.held_out) == 0:

@@ -59,7 +59,8 @@ def models(info_name: str | None, input_size: int | None, cifar: bool, num_class
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Fused checkpoint (.pt or .safetensors).")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the equivalence certificate as JSON.")
-@click.option("--tolerance", type=float, default=None, help="Max relative error allowed (default 1e-4).")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=None,
+              help="Max relative error allowed (default 1e-4; 0 demands bit-exact outputs).")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
 @model_options
 def fuse(model: str, out: Path, report: Path | None, tolerance: float | None, force: bool, num_classes, cifar, input_size) -> None:
@@ -83,7 +84,7 @@ def fuse(model: str, out: Path, report: Path | None, tolerance: float | None, fo
     if loaded.form == "deploy":
         raise click.UsageError(f"{model} is already in deploy form")
     result = reparameterize(
-        loaded.model, input_shape=(2, 3, loaded.input_size, loaded.input_size), tolerance_rel=tolerance or DEFAULT_TOLERANCE_REL
+        loaded.model, input_shape=(2, 3, loaded.input_size, loaded.input_size), tolerance_rel=DEFAULT_TOLERANCE_REL if tolerance is None else tolerance
     )
     spec = loaded.spec if loaded.source != "python" else {"python": loaded.name}
     save_checkpoint(result.model, out, spec=spec, form="deploy", force=force)

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from deploykit import __version__
-from deploykit.backends.base import BUILD_JSON, Artifact, get_backend
+from deploykit.artifact import BUILD_JSON, Artifact, ArtifactRecord
+from deploykit.backends.base import DEFAULT_THREADS, Backend, get_backend, packageable
 from deploykit.errors import DeployError, MissingBackendError, UsageError
 from deploykit.files import atomic_file, sha256_file, sha256_tree
 from deploykit.package.manifest import (
-    GOLDEN, MANIFEST, MODEL_DIR, README, RUNNER, RUNTIMES, SCHEMA_VERSION, SELF_TEST_TOLERANCES, Golden, LatencyBand,
-    Manifest, Runtime, TensorSpec,
+    GOLDEN, MANIFEST, MODEL_DIR, README, RUNNER, SCHEMA_VERSION, SELF_TEST_TOLERANCES, Golden, LatencyBand, Manifest,
+    Runtime,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ def bundle_name(out: Path) -> str:
     raise UsageError(f"--out {out}: name the bundle NAME.tar.gz")
 
 
-def _check_artifact(artifact: Artifact) -> None:
+def _check_artifact(artifact: Artifact, backend: Backend) -> None:
     """The artifact's files are those build.json lists, unchanged since the build."""
-    listed = artifact.meta["files"]
+    listed = artifact.record.files
     present = sha256_tree(artifact.path)
     present.pop(BUILD_JSON, None)
     for rel, digest in listed.items():
@@ -63,18 +64,17 @@ def _check_artifact(artifact: Artifact) -> None:
     extra = sorted(set(present) - set(listed))
     if extra:
         raise DeployError(f"{artifact.path}: {', '.join(extra)} not listed in {BUILD_JSON}; rebuild the artifact")
-    facts = artifact.meta.get("backend") or {}
-    if not facts.get("model_file"):
+    if not artifact.backend.get("model_file"):
         raise DeployError(
             f"{artifact.path} holds no runnable model (an --emit-only build?): build it on the device, then package"
         )
-    if artifact.target not in RUNTIMES:
-        raise DeployError(f"target {artifact.target} cannot be packaged; bundles run on {', '.join(RUNTIMES)}")
+    if backend.runtime_module is None:
+        raise DeployError(f"target {artifact.target} cannot be packaged; bundles run on {', '.join(packageable())}")
 
 
-def resolve_labels(labels: list[str] | None, meta: dict[str, Any], num_classes: int | None) -> tuple[list[str], str]:
+def resolve_labels(labels: list[str] | None, record: ArtifactRecord, num_classes: int | None) -> tuple[list[str], str]:
     """(labels, where they came from): given, else the build's classes, else class_0..class_N-1."""
-    known = labels or meta.get("classes") or (meta.get("calibration") or {}).get("classes")
+    known = labels or record.classes or (record.calibration or {}).get("classes")
     source = "given" if labels else "build.json" if known else "generated (no class names known)"
     if not known:
         if num_classes is None:
@@ -96,28 +96,23 @@ def golden_inputs(preprocessing: Any, count: int, seed: int):
     return np.stack([preprocessing.apply(Image.fromarray(p)) for p in pixels])
 
 
-def measure_latency_ms(runner: Any, sample: Any, *, warmup: int = LATENCY_WARMUP,
+def measure_latency_ms(backend: Backend, runner: Any, sample: Any, *, warmup: int = LATENCY_WARMUP,
                        iterations: int = LATENCY_ITERATIONS) -> dict[str, float]:
-    """Median and p90 wall time (ms) of ``runner(sample)`` after ``warmup`` calls."""
-    import numpy as np
+    """Median and p90 time (ms) of ``runner(sample)`` after ``warmup`` calls (deploykit.bench.timing)."""
+    from deploykit.bench.timing import fixed_iterations, timer_for
 
-    from deploykit.bench.timing import host_timer
-
-    measure = host_timer(runner, sample)
-    measure(warmup)
-    times_ms = measure(iterations) * 1e3
-    return {"median_ms": float(np.median(times_ms)), "p90_ms": float(np.percentile(times_ms, 90)),
-            "iterations": iterations}
+    return fixed_iterations(timer_for(backend, runner, sample), warmup=warmup, iterations=iterations)
 
 
-def _latency_band(meta: dict[str, Any], runner: Any, sample: Any, threads: int, measure: bool) -> LatencyBand | None:
+def _latency_band(record: ArtifactRecord, backend: Backend, runner: Any, sample: Any, threads: int,
+                  measure: bool) -> LatencyBand | None:
     from deploykit.device import device_fingerprint
 
-    recorded = meta.get("latency") or {}
+    recorded = record.latency or {}
     if recorded.get("median_ms"):
-        figures, source, device = recorded, "build", meta.get("device") or {}
+        figures, source, device = recorded, "build", record.device or {}
     elif measure:
-        figures, source, device = measure_latency_ms(runner, sample), "package", device_fingerprint()
+        figures, source, device = measure_latency_ms(backend, runner, sample), "package", device_fingerprint()
     else:
         return None
     median = float(figures["median_ms"])
@@ -128,16 +123,12 @@ def _latency_band(meta: dict[str, Any], runner: Any, sample: Any, threads: int, 
     )
 
 
-def _runtime(artifact: Artifact, installed: str | None) -> Runtime:
-    module, distributions = RUNTIMES[artifact.target]
-    versions = artifact.meta.get("versions") or {}
-    built = next((versions[d] for d in distributions if d in versions), None)
-    device = None
-    if artifact.target == "tensorrt":
-        environment = artifact.meta["backend"].get("environment") or {}
-        built = environment.get("tensorrt_version") or built
-        device = {k: environment.get(k) for k in ("gpu_name", "compute_capability")}
-    return Runtime(backend=artifact.target, module=module, version=built or installed, device=device)
+def _runtime(artifact: Artifact, backend: Backend, installed: str | None) -> Runtime:
+    versions = artifact.record.versions
+    built = next((versions[d] for d in backend.distributions if d in versions), None)
+    tied_version, device = backend.built_with(artifact.backend)
+    return Runtime(backend=artifact.target, module=backend.runtime_module, version=tied_version or built or installed,
+                   device=device)
 
 
 def _write_archive(stage: Path, out: Path, force: bool) -> None:
@@ -166,19 +157,21 @@ def package_artifact(artifact_dir: str | Path, out_tar_gz: str | Path, *, force:
         raise DeployError(f"{out} exists; pass --force to replace it")
     if golden_count < 1:
         raise UsageError("golden_count must be at least 1")
-    artifact = Artifact.open(artifact_dir)
-    meta = artifact.meta
-    _check_artifact(artifact)
-    for key in ("inputs", "outputs", "preprocessing"):
-        if not meta.get(key):
-            raise DeployError(f"{artifact.path / BUILD_JSON} lacks {key!r}; rebuild the artifact")
+    from deploykit.resolve import open_artifact
+
+    artifact = open_artifact(artifact_dir)
+    record = artifact.record
     backend = get_backend(artifact.target)
+    _check_artifact(artifact, backend)
+    for key in ("inputs", "outputs", "preprocessing"):
+        if not getattr(record, key):  # fields of the record, not a probe of a backend
+            raise DeployError(f"{artifact.path / BUILD_JSON} lacks {key!r}; rebuild the artifact")
     installed = backend.version()
     if installed is None:
         raise MissingBackendError(backend.name, f"{backend.name} to record the golden outputs", backend.extra)
-    threads = threads or int(meta.get("threads") or 2)
-    preprocessing = Preprocessing.model_validate(meta["preprocessing"])
-    batch = meta["inputs"][0]["shape"][0]
+    threads = threads or record.threads or DEFAULT_THREADS
+    preprocessing = record.preprocessing
+    batch = record.inputs[0].shape[0]
     count = golden_count if not isinstance(batch, int) else -(-golden_count // batch) * batch
 
     runner = backend.load(artifact, threads=threads)
@@ -186,15 +179,15 @@ def package_artifact(artifact_dir: str | Path, out_tar_gz: str | Path, *, force:
     outputs = np.asarray(runner(inputs), dtype=np.float32)
     if not np.isfinite(outputs).all():
         raise DeployError(f"{artifact.path} gives non-finite outputs on the golden inputs; not packaged")
-    classes = meta["outputs"][0]["shape"][-1]
-    label_list, labels_source = resolve_labels(labels, meta, classes if isinstance(classes, int) else None)
+    classes = record.outputs[0].shape[-1]
+    label_list, labels_source = resolve_labels(labels, record, classes if isinstance(classes, int) else None)
     one = inputs[: batch if isinstance(batch, int) else 1]
-    latency = _latency_band(meta, runner, one, threads, measure_latency)
+    latency = _latency_band(record, backend, runner, one, threads, measure_latency)
 
     with tempfile.TemporaryDirectory(prefix="deploykit-package-") as work:
         stage = Path(work) / name
         (stage / MODEL_DIR).mkdir(parents=True)
-        for rel in [*meta["files"], BUILD_JSON]:
+        for rel in [*record.files, BUILD_JSON]:
             (stage / MODEL_DIR / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(artifact.path / rel, stage / MODEL_DIR / rel)
         np.savez(stage / GOLDEN, inputs=inputs, outputs=outputs)
@@ -205,20 +198,20 @@ def package_artifact(artifact_dir: str | Path, out_tar_gz: str | Path, *, force:
             name=name,
             created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             deploykit_version=__version__,
-            model=(meta.get("model") or {}).get("name") or artifact.path.name,
-            target=meta.get("profile") or artifact.target,
+            model=record.model.name if record.model is not None else artifact.path.name,
+            target=record.profile or artifact.target,
             backend=artifact.target,
             precision=artifact.precision,
             threads=threads,
-            model_file=f"{MODEL_DIR}/{meta['backend']['model_file']}",
-            inputs=[TensorSpec.model_validate(t) for t in meta["inputs"]],
-            outputs=[TensorSpec.model_validate(t) for t in meta["outputs"]],
+            model_file=f"{MODEL_DIR}/{artifact.backend['model_file']}",
+            inputs=record.inputs,
+            outputs=record.outputs,
             preprocessing=preprocessing,
             labels=label_list,
             labels_source=labels_source,
-            runtime=_runtime(artifact, installed),
-            versions=meta.get("versions") or {},
-            verification=meta.get("verification") or {},
+            runtime=_runtime(artifact, backend, installed),
+            versions=record.versions,
+            verification=record.verification or {},
             tolerance=SELF_TEST_TOLERANCES.get(artifact.precision, SELF_TEST_TOLERANCES["int8"]),
             golden=Golden(count=count, seed=seed, inputs="seeded uniform random pixels through the preprocessing",
                           produced_with=f"{backend.name} {installed}"),

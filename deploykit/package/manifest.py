@@ -13,7 +13,8 @@ Runtime versions (``check_runtime``): a bundle records the runtime version that 
 The rule, applied by ``deploykit verify`` and by the runner alike:
 
 - runtime not installed: error;
-- TensorRT: any other version is an error (an engine loads only in the version that built it);
+- a backend with ``exact_version`` (TensorRT: an engine loads only in the version that built
+  it): any other version is an error;
 - any other runtime, another major.minor: a warning; the golden self-test then decides;
 - same major.minor: fine.
 """
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deploykit.artifact import TensorSpec
 from deploykit.calib.preprocess import Preprocessing
 from deploykit.errors import DeployError
 
@@ -36,26 +38,14 @@ GOLDEN = "golden.npz"
 RUNNER = "deploykit_runner.py"
 README = "README.md"
 
-# backend -> (module the runner imports, distributions whose version names it); the runner
-# carries its own copy of this table (it cannot import deploykit).
-RUNTIMES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "onnxruntime": ("onnxruntime", ("onnxruntime", "onnxruntime-gpu")),
-    "openvino": ("openvino", ("openvino",)),
-    "mnn": ("MNN", ("MNN",)),
-    "tensorrt": ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")),
-}
-EXACT_VERSION = ("tensorrt",)
+# Which backends a bundle can hold, their modules and distributions: the backends declare it
+# (``Backend.runtime_module``, ``distributions``, ``exact_version``; ``backends.base.packageable``).
+# The standalone runner carries its own copy (it cannot import deploykit); a test keeps them equal.
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TensorSpec(_Strict):
-    name: str
-    shape: list[int | str]
-    dtype: str
 
 
 class SelfTestTolerance(_Strict):
@@ -148,8 +138,10 @@ class Manifest(_Strict):
         for what, rel in (("model_file", self.model_file), ("golden.file", self.golden.file), ("runner", self.runner)):
             if rel not in self.files:
                 raise ValueError(f"{what} {rel} is not among the listed files")
-        if self.backend not in RUNTIMES:
-            raise ValueError(f"backend {self.backend!r} is not one of {', '.join(RUNTIMES)}")
+        from deploykit.backends.base import packageable
+
+        if self.backend not in packageable():
+            raise ValueError(f"backend {self.backend!r} is not one of {', '.join(packageable())}")
         classes = self.outputs[0].shape[-1] if self.outputs[0].shape else None
         if isinstance(classes, int) and len(self.labels) != classes:
             raise ValueError(f"{len(self.labels)} labels for {classes} outputs")
@@ -191,7 +183,9 @@ def check_runtime(runtime: Runtime, installed: str | None) -> list[str]:
         raise DeployError(f"this bundle needs {runtime.module} (the {runtime.backend} runtime); it is not installed")
     if runtime.version is None or installed == runtime.version:
         return []
-    if runtime.backend in EXACT_VERSION:
+    from deploykit.backends.base import get_backend
+
+    if get_backend(runtime.backend).exact_version:
         raise DeployError(
             f"this bundle was built with {runtime.backend} {runtime.version}; this machine has {installed}. "
             "An engine loads only in the version that built it: rebuild and package on this machine"

@@ -117,10 +117,11 @@ def _golden_check(root: Path, manifest: Manifest, runner: Any) -> tuple[dict[str
 
 def _latency_check(manifest: Manifest, runner: Any, inputs: Any) -> tuple[dict[str, Any], list[str]]:
     from deploykit.device import device_fingerprint
+    from deploykit.backends.base import get_backend
     from deploykit.package.bundle import measure_latency_ms
 
     batch = manifest.latency.batch if manifest.latency else 1
-    figures: dict[str, Any] = measure_latency_ms(runner, inputs[:batch])
+    figures: dict[str, Any] = measure_latency_ms(get_backend(manifest.backend), runner, inputs[:batch])
     band = manifest.latency
     if band is None:
         figures["band"] = "none recorded"

@@ -10,8 +10,9 @@ drop, and the search stops at the first step within budget):
 4. bias correction (the backend's own where it has one, else deploykit's in PyTorch);
 5. the 1, 2, 4, ... worst layers (``deploykit.quant.analyze``'s ranking) kept in float.
 
-What each backend calls those switches is a table (``KNOBS``), not branches in the loop; a
-switch a backend lacks is reported as a skipped step with the reason.
+What each backend calls those switches it declares itself (``Backend.max_drop_knobs``, a
+``deploykit.backends.base.MaxDropKnobs``), not branches in the loop; a switch a backend lacks is
+reported as a skipped step with the reason.
 """
 from __future__ import annotations
 
@@ -21,40 +22,18 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deploykit.errors import DeployError, QualityGateError
 
+if TYPE_CHECKING:
+    from deploykit.backends.base import MaxDropKnobs as Knobs
+
 logger = logging.getLogger(__name__)
 
 
-def _openvino_op_name(node: Any) -> str:
-    # OpenVINO's ONNX frontend splits Conv/Gemm with a bias into the op "<node>/WithoutBiases" + Add.
-    return f"{node.name}/WithoutBiases" if len(node.input) > 2 and node.input[2] else node.name
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """A backend's names for the switches the loop turns."""
-
-    per_channel: tuple[str, Any] | None  # (option, value) turning per-channel weights on; None: always per channel
-    bias_correction: tuple[str, Any] | None  # the backend's own full bias correction; None: deploykit's
-    float_layers: str | None  # option taking comma-separated op names kept in float; None: not possible
-    op_name: Callable[[Any], str] = lambda node: node.name  # ONNX Conv/Gemm NodeProto -> the option's name
-    why_no_float: str | None = None  # when float_layers is None: the reason, for the report
-
-
-KNOBS: dict[str, Knobs] = {
-    "onnxruntime": Knobs(("per_channel", True), None, "nodes_to_exclude"),
-    "openvino": Knobs(None, ("fast_bias_correction", False), "ignored_scope", _openvino_op_name),
-    # MNN's quantizer: MAX_ABS weights are per channel. Its skip_quant_op_names is read only by the
-    # KL/ADMM path; the EMA path (NN::turnQuantize on the whole graph) quantizes every conv regardless
-    # (measured with MNN 3.x: the same top-1 with and without it).
-    "mnn": Knobs(None, None, None, why_no_float="MNN's EMA quantizer (the one that runs here; KL and ADMM crash) "
-                 "ignores skip_quant_op_names and quantizes every layer"),
-}
 DEFAULT_MAX_FP_LAYERS = 4
 
 
@@ -172,7 +151,8 @@ class _Trial:
         return options
 
     def score(self, recipe: Recipe, knobs: Knobs) -> tuple[float, dict[str, Any]]:
-        from deploykit.backends.base import Artifact, BuildConfig, resolve_options
+        from deploykit.artifact import Artifact, write_record
+        from deploykit.backends.base import BuildConfig, resolve_options
 
         _, onnx_path = self.rewritten(recipe, per_channel_weights(recipe, knobs))
         given = self.options(recipe, knobs, onnx_path)
@@ -182,10 +162,18 @@ class _Trial:
         out.mkdir()
         config = BuildConfig(precision="int8", threads=self.threads, calibration=self.calibration, options=options)
         facts = self.backend.build(onnx_path, out, config)
-        runner = self.backend.load(Artifact(out, {"target": self.backend.name, "precision": "int8", "files": {},
-                                                  "backend": facts}), threads=self.threads)
+        write_record(out, target=self.backend.name, precision="int8", threads=self.threads, options=options,
+                     backend=facts, built_by="deploykit.quant.max_drop (a trial; deleted after scoring)")
+        runner = self.backend.load(Artifact.open(out), threads=self.threads)
         predicted = np.concatenate([runner(self.inputs[i : i + 1]).argmax(1) for i in range(len(self.inputs))])
         return float((predicted == self.labels).mean()), options
+
+
+def max_drop_targets() -> list[str]:
+    """The registered targets that declare max-drop switches."""
+    from deploykit.backends.base import BACKENDS, get_backend
+
+    return sorted(name for name in BACKENDS if get_backend(name).max_drop_knobs is not None)
 
 
 def _fp32_top1(model: Any, inputs: np.ndarray, labels: np.ndarray) -> float:
@@ -221,9 +209,10 @@ def fix_quantization(
         raise DeployError(f"--max-drop must be >= 0 points, not {max_drop}")
     if len(validation_inputs) == 0 or len(validation_inputs) != len(validation_labels):
         raise DeployError("max-drop needs labeled validation samples (one folder per class)")
-    if backend not in KNOBS:
-        raise DeployError(f"max-drop supports targets {', '.join(sorted(KNOBS))}, not {backend}")
-    target, knobs = get_backend(backend), KNOBS[backend]
+    target = get_backend(backend)
+    knobs = target.max_drop_knobs
+    if knobs is None:
+        raise DeployError(f"max-drop supports targets {', '.join(max_drop_targets())}, not {backend}")
     step_note = progress or (lambda text: None)
     size = input_size or int(validation_inputs.shape[-1])
     labels = np.asarray(validation_labels, dtype=np.int64)

@@ -7,7 +7,6 @@ built with, so the analysis defaults to the same calibration set. A MODEL is any
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from deploykit.errors import DeployError
@@ -24,49 +23,25 @@ class Subject:
     preprocessing: dict[str, Any] | None = None
 
 
-def _model_argument(path: Path, meta: dict[str, Any]) -> str | dict[str, Any]:
-    model = meta.get("model") or {}
-    argument = model.get("argument")
-    if argument:
-        return argument
-    spec = model.get("spec")
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, dict) and model.get("source") == "zoo":
-        return spec
-    raise DeployError(
-        f"{path} was built from {model.get('source', 'a model')} {model.get('name', '')!s} whose file build.json "
-        "does not record; run `deploykit analyze CHECKPOINT` on the checkpoint it was built from"
-    )
-
-
 def open_subject(subject: str, *, num_classes: int | None = None, cifar: bool | None = None) -> Subject:
     """The fused model (and what it came from) for an artifact directory or a MODEL spec."""
-    from deploykit.backends.base import BUILD_JSON, Artifact
     from deploykit.fuse import reparameterize
-    from deploykit.loading import load_model
+    from deploykit.resolve import load_torch, model_spec, resolve
 
-    path = Path(subject)
+    resolved = resolve(subject)
     calibration: dict[str, Any] = {}
     preprocessing = None
-    if (path / BUILD_JSON).is_file():
-        meta = Artifact.open(path).meta
-        argument = _model_argument(path, meta)
-        calibration = meta.get("calibration") or {}
-        preprocessing = meta.get("preprocessing")
-    else:
-        argument = subject
-    if isinstance(argument, str) and argument.endswith(".onnx"):
-        raise DeployError(f"{argument}: analyze needs the PyTorch model (zoo name or checkpoint), not ONNX")
-    if isinstance(argument, dict):
-        from deploykit.models import create_model
-
-        spec = dict(argument)
-        model = create_model(spec.pop("name"), **spec).eval()
-        name, form, size = argument["name"], "train", int(getattr(model, "default_input_size", 224))
-    else:
-        loaded = load_model(argument, num_classes=num_classes, cifar=cifar)
-        model, name, form, size = loaded.model, loaded.name, loaded.form, loaded.input_size
+    if resolved.artifact is not None:
+        record = resolved.artifact.record
+        calibration = record.calibration or {}
+        preprocessing = record.preprocessing.to_dict() if record.preprocessing is not None else None
+    if resolved.kind == "onnx":
+        raise DeployError(f"{subject}: analyze needs the PyTorch model (zoo name or checkpoint), not ONNX")
+    spec = model_spec(resolved)
+    if isinstance(spec, str) and spec.endswith(".onnx"):
+        raise DeployError(f"{spec}: analyze needs the PyTorch model (zoo name or checkpoint), not ONNX")
+    loaded = load_torch(spec, num_classes=num_classes, cifar=cifar)
+    model, name, form, size = loaded.model, loaded.name, loaded.form, loaded.input_size
     if form == "deploy":
         return Subject(name, model, None, {}, size, calibration, preprocessing)
     result = reparameterize(model, input_shape=(2, 3, size, size))
