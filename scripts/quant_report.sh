@@ -6,7 +6,7 @@
 #      TensorRT's Q/DQ ONNX, evaluated on ONNX Runtime: no TensorRT here);
 #   3. top-1 of each on the CIFAR-10 test split; per-layer diagnosis (deploykit analyze);
 #   4. the accuracy-budgeted fix (deploykit build --max-drop) and its latency cost;
-#   5. render the Markdown from the JSON written above (deploykit/quant/report.py): no number
+#   5. render the Markdown from the JSON written above (deploykit/report/quant_study.py): no number
 #      in the report is typed by hand.
 # Every step writes into $WORK and is skipped when its output exists, so an interrupted run
 # resumes (trainings continue from their last epoch). Checkpoints are not shipped: this script
@@ -119,7 +119,7 @@ done
 # --- 3. diagnosis -----------------------------------------------------------------------------
 for m in repvgg repopt; do
   [[ -f $WORK/analysis/$m/analysis.json ]] || $DK analyze "${CKPT[$m]}" "${CALIB[@]}" \
-    --eval-samples "$ANALYZE_SAMPLES" --test-data "$DATA" ${EVAL_LIMIT:+--test-limit "$EVAL_LIMIT"} --out "$WORK/analysis/$m"
+    --verify-samples "$ANALYZE_SAMPLES" --test-data "$DATA" ${EVAL_LIMIT:+--test-limit "$EVAL_LIMIT"} --out "$WORK/analysis/$m"
 done
 
 # --- 4. the max-drop fix and its latency cost ------------------------------------------------
@@ -145,8 +145,10 @@ for m in repvgg repopt; do
     for dir in "$WORK/build/$m-$target-fp32" "$WORK/build/$m-$target-int8"* "$WORK/maxdrop/$m-$target"; do
       [[ -f $dir/build.json ]] && group+=("$dir")
     done
-    [[ -f $WORK/latency/$m-$target.json ]] || $PY -m deploykit.quant.latency "$WORK/latency/$m-$target.json" \
-      "${group[@]}" --threads "$THREADS"
+    artifacts=()
+    for dir in "${group[@]}"; do artifacts+=(--artifact "$dir"); done
+    [[ -f $WORK/latency/$m-$target.json ]] || $DK bench "${artifacts[@]}" --threads "$THREADS" \
+      --results "$WORK/latency/$m-$target.json"
   done
 done
 

@@ -5,13 +5,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DK=.venv/bin/deploykit
 mkdir -p results
-for sweep in ${SWEEPS:-repvgg-fusion-cpu convnext-fc-vs-conv ghost-cpu-vs-gpu repvgg-fusion}; do
+for sweep in ${SWEEPS:-repvgg-fusion-cpu convnext-fc-vs-conv ghost-cpu-vs-gpu repvgg-fusion cpu-targets}; do
   echo "== $sweep $(date -u +%H:%M:%S)"
   $DK bench --sweep "sweeps/$sweep.yaml" --results "results/$sweep.jsonl" \
     && $DK report latency "results/$sweep.jsonl" --out "reports/$sweep" --force
 done
-if [ -z "${SWEEPS:-}" ]; then
-  echo "== cpu-targets $(date -u +%H:%M:%S)"
-  .venv/bin/python -m deploykit.bench_cpu_targets --rounds 5 --calib-samples 64 --out reports/cpu-targets.md
-fi
 echo "== done $(date -u +%H:%M:%S)"

@@ -4,8 +4,9 @@
   float16; the CPU plugin computes in float32 unless the CPU has native fp16/bf16 units, and
   deploykit pins ``INFERENCE_PRECISION_HINT=f32`` so results do not depend on the machine).
 - int8: NNCF post-training quantization (``nncf.quantize``) on the calibration set; with
-  ``--option max_drop=X`` and labeled calibration data, ``nncf.quantize_with_accuracy_control``
-  keeps the top-1 drop on the held-out samples within X by reverting layers to float.
+  ``--option max_drop=X`` (top-1 points, as ``--max-drop``) and labeled calibration data,
+  ``nncf.quantize_with_accuracy_control`` keeps the top-1 drop on the held-out samples within X
+  by reverting layers to float.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ drop chart. Layout of WORK (scripts/quant_report.sh)::
     train/repvgg/            deploykit train          train/repopt/{hs,target}/, pipeline.json
     build/<m>-<scheme>/      deploykit build          eval/<m>-<scheme>.json   deploykit eval --json
     analysis/<m>/            deploykit analyze        maxdrop/<m>-<target>/    build --max-drop
-    latency/<m>-<target>.json                         python -m deploykit.quant.latency
+    latency/<m>-<target>.json                         deploykit bench --artifact DIR ... --results
 
     python -m deploykit.report.quant_study WORK --script scripts/quant_report.sh --out REPORT.md
 """
