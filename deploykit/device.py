@@ -1,9 +1,11 @@
 """Which machine and which software produced a result row.
 
 The device fingerprint names the hardware and OS (CPU model, ISA flags that change which
-kernels the runtimes pick, cores, memory, GPU); its ``id`` is a hash of those facts, so rows
-from one machine group together across runs. Tool versions are recorded beside it, not in
-the id: the report marks rows whose versions differ instead of treating them as another device.
+kernels the runtimes pick, cores, memory, GPU); its ``id`` is a hash of the hardware facts and
+the OS family only, so rows from one machine group together across runs and across upgrades.
+The kernel release, GPU driver and CUDA runtime are recorded beside it (``os``, ``gpus``), as
+are tool versions, but none is in the id: the report marks rows whose versions differ instead of
+treating them as another device.
 """
 from __future__ import annotations
 
@@ -43,8 +45,9 @@ ISA_FLAGS = {
 }
 
 # Python distributions whose versions decide what a benchmark measures.
+# Holds every backend's ``distributions`` (a test keeps it so: this module sits below the backends).
 DISTRIBUTIONS = ("deploykit", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "MNN",
-                 "tensorrt", "numpy")
+                 "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "numpy")
 
 
 def _cpuinfo(text: str) -> dict[str, Any]:
@@ -62,6 +65,40 @@ def _cpuinfo(text: str) -> dict[str, Any]:
                 physical.add((core["physical id"], core["core id"]))
                 core = {}
     return {"model": model, "flags": flags, "physical_cores": len(physical) or None}
+
+
+# macOS: sysctl names -> the ISA names above (arm64 features, then x86 feature words).
+MACOS_ISA = {
+    "hw.optional.neon": "NEON", "hw.optional.arm.FEAT_DotProd": "NEON-DOTPROD", "hw.optional.arm.FEAT_I8MM": "I8MM",
+    "hw.optional.avx2_0": "AVX2", "hw.optional.fma": "FMA", "hw.optional.avx512f": "AVX-512F",
+    "hw.optional.avx512bw": "AVX-512BW", "hw.optional.avx512vnni": "AVX512-VNNI",
+}
+
+
+def _macos_cpu(sysctl: dict[str, str]) -> dict[str, Any]:
+    """The /proc/cpuinfo facts from ``sysctl`` values (macOS has no /proc)."""
+    isa = {name for key, name in MACOS_ISA.items() if sysctl.get(key, "0").strip() == "1"}
+    flags = {flag for flag, name in ISA_FLAGS.items() if name in isa}
+    cores = sysctl.get("hw.physicalcpu", "").strip()
+    return {"model": sysctl.get("machdep.cpu.brand_string", "").strip() or None, "flags": flags,
+            "physical_cores": int(cores) if cores.isdigit() else None}
+
+
+def _sysctl(names: list[str]) -> dict[str, str]:
+    values = {}
+    for name in names:
+        try:
+            values[name] = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5,
+                                          check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return values
+
+
+def _cpu() -> dict[str, Any]:
+    if sys.platform == "darwin":
+        return _macos_cpu(_sysctl(["machdep.cpu.brand_string", "hw.physicalcpu", *MACOS_ISA]))
+    return _cpuinfo(_read("/proc/cpuinfo"))
 
 
 def _read(path: str) -> str:
@@ -129,7 +166,7 @@ def gpus() -> list[dict[str, Any]]:
 @lru_cache(maxsize=1)
 def device_fingerprint() -> dict[str, Any]:
     """The hardware and OS facts, with an ``id`` hashing them."""
-    cpu = _cpuinfo(_read("/proc/cpuinfo"))
+    cpu = _cpu()
     facts = {
         "cpu": cpu["model"] or platform.processor() or platform.machine(),
         "arch": platform.machine(),
@@ -141,8 +178,19 @@ def device_fingerprint() -> dict[str, Any]:
         "os": platform.platform(),
         "gpus": gpus(),
     }
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
-    return {"id": digest, **facts}
+    return {"id": device_id(facts), **facts}
+
+
+# GPU facts that change with a driver or CUDA upgrade: recorded, not part of the device's identity.
+_GPU_SOFTWARE = ("driver", "cuda_runtime")
+
+
+def device_id(facts: dict[str, Any]) -> str:
+    """Hash of the hardware facts and the OS family (not its release, not the GPU driver)."""
+    identity = {k: v for k, v in facts.items() if k not in ("id", "os", "gpus")}
+    identity["os"] = platform.system()
+    identity["gpus"] = [{k: v for k, v in gpu.items() if k not in _GPU_SOFTWARE} for gpu in facts.get("gpus", [])]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def tool_versions() -> dict[str, str]:

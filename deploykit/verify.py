@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from deploykit.errors import DeployError
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -68,7 +70,8 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
     """Figures of ``candidate`` against ``reference`` (both (N, classes) or (N, ...))."""
     reference, candidate = np.asarray(reference), np.asarray(candidate)
     if reference.shape != candidate.shape:
-        raise ValueError(f"output shapes differ: reference {reference.shape}, artifact {candidate.shape}")
+        raise DeployError(f"output shapes differ: reference {reference.shape}, artifact {candidate.shape}; "
+                          "the artifact does not compute the model's outputs")
     cos = _cosine(reference, candidate)
     flat_ref, flat_out = reference.reshape(len(reference), -1), candidate.reshape(len(candidate), -1)
     finite = bool(np.isfinite(candidate).all())

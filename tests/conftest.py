@@ -14,6 +14,14 @@ CIFAR_TGZ = Path(os.environ.get("DEPLOYKIT_CIFAR_TGZ", REPO.parent / "shared" / 
 
 
 @pytest.fixture(scope="session")
+def cifar_tgz() -> Path:
+    """The CIFAR-10 tarball (train/, test/ of JPEGs); the test skips when it is absent."""
+    if not CIFAR_TGZ.is_file():
+        pytest.skip(f"CIFAR-10 tarball not found at {CIFAR_TGZ} (set DEPLOYKIT_CIFAR_TGZ)")
+    return CIFAR_TGZ
+
+
+@pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The CIFAR-10 image-folder tree (train/, test/), extracted once per test session."""
     if not CIFAR_TGZ.is_file():

@@ -135,7 +135,7 @@ def test_cli_writes_markdown_json_and_histograms(tmp_path: Path) -> None:
     np.savez(data, inputs=inputs, labels=labels)
     out = tmp_path / "analysis"
     done = run_cli("analyze", f"{factory}:model", "--calib", str(data), "--calib-recipe", "cifar10",
-                   "--calib-samples", "128", "--eval-samples", "128", "--per-tensor", "--test-data", str(data),
+                   "--calib-samples", "128", "--verify-samples", "128", "--per-tensor", "--test-data", str(data),
                    "--test-limit", "64", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("1. conv1:") and "per-channel weight scales" in done.stdout

@@ -19,7 +19,7 @@ from deploykit.files import sha256_tree
 from conftest import run_cli as cli
 from tiny_model import write_tiny_model
 
-CIFAR_TGZ = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
+from conftest import CIFAR_TGZ  # one definition (DEPLOYKIT_CIFAR_TGZ or ../shared/data)
 needs_cifar = pytest.mark.skipif(not CIFAR_TGZ.is_file(), reason=f"CIFAR-10 tarball not found at {CIFAR_TGZ}")
 INT8_TARGETS = [n for n in sorted(BACKENDS) if "int8" in get_backend(n).precisions and n != "tensorrt"]
 EVAL_LIMIT = 300

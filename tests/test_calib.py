@@ -16,7 +16,7 @@ from deploykit.calib import (
 from deploykit.errors import DeployError, UsageError
 from deploykit.profiles import list_profiles, load_profile, resolve_target
 
-CIFAR_TGZ = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
+from conftest import CIFAR_TGZ  # one definition (DEPLOYKIT_CIFAR_TGZ or ../shared/data)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
