@@ -1,7 +1,9 @@
 """YAML config files (calibration recipes, target profiles) validated by pydantic models.
 
-Files are looked up by name in ``calib/`` and ``targets/`` of the working directory and of the
-deploykit checkout, or given as a path. An unknown key is an error listing the valid keys.
+Files are looked up by name in ``calib/`` and ``targets/`` of the working directory (a user's
+own, first), then among those shipped inside the package (``deploykit/data/<kind>/``, read
+through ``importlib.resources`` so an installed wheel has them too), or given as a path. An
+unknown key is an error listing the valid keys.
 """
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ from deploykit.errors import UsageError
 
 M = TypeVar("M", bound=BaseModel)
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+def shipped_dir(kind: str) -> Path:
+    """The ``kind`` files inside the installed package (a wheel installs them as plain files)."""
+    from importlib.resources import files
+
+    return Path(str(files("deploykit") / "data" / kind))
 
 
 def config_dirs(kind: str) -> list[Path]:
     """Folders holding ``kind`` files (``calib`` or ``targets``), working directory first."""
     dirs = []
-    for base in (Path.cwd(), _PROJECT_ROOT):
-        candidate = (base / kind).resolve()
+    for candidate in ((Path.cwd() / kind).resolve(), shipped_dir(kind)):
         if candidate.is_dir() and candidate not in dirs:
             dirs.append(candidate)
     return dirs

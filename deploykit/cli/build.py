@@ -55,7 +55,7 @@ def _logs_to(console: Any) -> Iterator[None]:
 @click.option("--precision", "-p", type=click.Choice(PRECISIONS), default=None,
               help="Default: the profile's, else fp32.")
 @click.option("--calib", default=None, metavar="RECIPE|PATH",
-              help="Calibration recipe (calib/NAME.yaml) or data: image folder, .tar.gz tree, .npy/.npz.")
+              help="Calibration recipe (deploykit/data/calib/NAME.yaml or ./calib/NAME.yaml) or data: image folder, .tar.gz tree, .npy/.npz.")
 @click.option("--calib-recipe", default=None, metavar="NAME", help="Preprocessing recipe for --calib PATH.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Calibration sample count.")
 @click.option("--verify-samples", type=click.IntRange(min=1), default=DEFAULT_VERIFY_SAMPLES, show_default=True,
