@@ -169,6 +169,15 @@ class Artifact:
     path: Path
     record: ArtifactRecord
 
+    @classmethod
+    def open(cls, path: str | Path) -> Artifact:
+        return cls(Path(path), read_record(path))
+
+    @classmethod
+    def staged(cls, path: Path, target: str, precision: str, backend: dict[str, Any]) -> Artifact:
+        """Files a backend just built, before the record is written (to load them for checks)."""
+        return cls(Path(path), ArtifactRecord(target=target, precision=precision, files={}, backend=backend))
+
     @property
     def target(self) -> str:
         return self.record.target
@@ -181,12 +190,3 @@ class Artifact:
     def backend(self) -> dict[str, Any]:
         """The backend's own facts (what its ``build`` returned)."""
         return self.record.backend
-
-    @classmethod
-    def open(cls, path: str | Path) -> Artifact:
-        return cls(Path(path), read_record(path))
-
-    @classmethod
-    def staged(cls, path: Path, target: str, precision: str, backend: dict[str, Any]) -> Artifact:
-        """Files a backend just built, before the record is written (to load them for checks)."""
-        return cls(Path(path), ArtifactRecord(target=target, precision=precision, files={}, backend=backend))
