@@ -2,9 +2,12 @@
 
 TensorRT itself cannot be installed where these tests were written (no GPU, and TensorRT's
 libraries come only from NVIDIA's index). Everything that needs no TensorRT runs here for
-real: the Q/DQ ONNX is built from real calibration data and measured with ONNX Runtime. The
-tests that need TensorRT and a GPU skip with the reason; no stand-in module replaces
-TensorRT in any test.
+real: the Q/DQ ONNX is built from real calibration data and measured with ONNX Runtime, and
+the emitted build_engine.sh runs against stand-in trtexec/nvidia-smi scripts. The tests that
+need TensorRT and a GPU skip with the reason. A stand-in ``tensorrt`` module object is used
+only at the narrowest seams of deploykit's own logic around TensorRT (the process-wide logger
+and per-call error capture, timing-cache failure handling, input-shape checks); those tests
+say nothing about TensorRT itself.
 """
 from __future__ import annotations
 
@@ -113,7 +116,8 @@ def _assert_tensorrt_qdq(path: Path) -> int:
         assert scale.shape == (weight.shape[axis],) and (scale > 0).all()
         assert zero.dtype == np.int8 and not zero.any()
         if len(node.input) > 2 and node.input[2]:
-            assert node.input[2] in init and init[node.input[2]].dtype == np.float32, f"{node.name}: bias not float"
+            assert node.input[2] in init and init[node.input[2]].dtype in (np.float32, np.float16), \
+                f"{node.name}: bias not float"
     return len(weighted)
 
 
@@ -196,11 +200,12 @@ def test_emit_only_bundle(precision: str, exported, tmp_path: Path) -> None:
     assert files == sorted(expected) and ENGINE_FILE not in files
     script = (tmp_path / SCRIPT_FILE).read_text()
     assert os.access(tmp_path / SCRIPT_FILE, os.X_OK)
-    command = shlex.split(script.strip().splitlines()[-1])
-    assert shlex.join(command) == facts["trtexec"]
+    last = script.strip().splitlines()[-1]
+    assert last == facts["trtexec"] + ' ${timing_cache[@]+"${timing_cache[@]}"}'  # the per-GPU cache flag
+    command = shlex.split(facts["trtexec"])
     assert command[0] == "trtexec" and f"--onnx=model.{precision}.onnx" in command
     assert f"--saveEngine={ENGINE_FILE}" in command and "--stronglyTyped" in command
-    assert "--memPoolSize=workspace:1024M" in command and "--timingCacheFile=timing.cache" in command
+    assert "--memPoolSize=workspace:1024M" in command and not any("--timingCacheFile" in c for c in command)
     assert ["--minShapes=input:1x3x32x32", "--optShapes=input:1x3x32x32", "--maxShapes=input:32x3x32x32"] == [
         c for c in command if c.split("=")[0] in ("--minShapes", "--optShapes", "--maxShapes")]
     # No precision flags: TensorRT 11 removed them; the ONNX's types carry the precision.
@@ -209,8 +214,10 @@ def test_emit_only_bundle(precision: str, exported, tmp_path: Path) -> None:
     weights = {i.name: numpy_helper.to_array(i).dtype for i in model.graph.initializer}
     if precision == "int8":
         assert facts["qdq"]["ok"] and _assert_tensorrt_qdq(tmp_path / "model.int8.onnx") == 23
+        assert facts["qdq"]["scale_type"] == "float16" and np.dtype(np.float16) in weights.values()
         summary = json.loads((tmp_path / CALIBRATION_FILE).read_text())
         assert summary["count"] == 8 and summary["method"] == "minmax"
+        assert summary["unquantized_precision"] == "fp16"
         assert len(summary["activation_scales"]) == 23
     elif precision == "fp16":
         assert np.dtype(np.float16) in weights.values()

@@ -9,9 +9,20 @@ TensorRT developer guide):
 - symmetric INT8 only (zero point 0): per-channel weights, per-tensor activations;
 - Q/DQ on the inputs of the weighted ops (Conv, MatMul, Gemm), not on their outputs, so
   TensorRT fuses the DQ into the INT8 kernel and keeps the trailing activation fused too;
-- one dedicated Q/DQ pair per weighted consumer of a tensor;
+- one dedicated Q/DQ pair per weighted consumer of a tensor (``DedicatedQDQPair``). TensorRT
+  accepts a pair shared by several consumers too (its Q/DQ propagation handles both); ORT's
+  default shares one pair, and dedicated pairs keep each convolution's input quantization
+  separate, so excluding or changing one node never changes another's;
 - biases stay float: TensorRT's parser rejects DequantizeLinear on INT32 and folds the float
-  bias into the INT8 convolution itself.
+  bias into the INT8 convolution itself;
+- the skip input of residual Adds quantized too (:mod:`deploykit.backends.qdq_residual`), so
+  TensorRT fuses Conv+Add in INT8 (``residual=False``: not, the earlier recipe);
+- everything left unquantized in FP16, as NVIDIA Model-Optimizer's ONNX INT8 mode does
+  (``high_precision_dtype="fp16"``): the model is moved to opset 19 (the first whose
+  Quantize/DequantizeLinear take float16) and converted to float16 with float32 inputs and
+  outputs, so a *strongly typed* TensorRT network runs those layers in FP16
+  (``unquantized="fp32"``: left in FP32, the earlier recipe). TensorRT 11 has no weak typing,
+  so the ONNX's types are the only way to say this.
 
 ONNX Runtime can run the result on CPU, so its accuracy is measured here even without
 TensorRT; :func:`inspect_qdq` re-checks every property on the written file rather than
@@ -35,6 +46,8 @@ logger = logging.getLogger(__name__)
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 MIN_OPSET = 13  # per-channel DequantizeLinear (the ``axis`` attribute) needs opset 13
+FLOAT16_OPSET = 19  # Quantize/DequantizeLinear take float16 input and scales from opset 19
+UNQUANTIZED_PRECISIONS = ("fp16", "fp32")
 
 # The extra_options of quantize_static, spelt as onnxruntime/quantization/qdq_quantizer.py
 # reads them (ORT 1.32); ``_check_option_names`` verifies each name is still read.
@@ -42,7 +55,7 @@ TRT_EXTRA_OPTIONS: dict[str, Any] = {
     "ActivationSymmetric": True,  # zero point 0 for activations
     "WeightSymmetric": True,  # zero point 0 for weights
     "QuantizeBias": False,  # TensorRT cannot dequantize INT32 biases
-    "DedicatedQDQPair": True,  # TensorRT does not share one Q/DQ pair between consumers
+    "DedicatedQDQPair": True,  # one pair per consumer (ORT shares one by default; TensorRT takes either)
     "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS),  # inputs only, per TensorRT's guidance
     "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # B is (K, N): output channels are axis 1
 }
@@ -57,6 +70,8 @@ class QdqReport:
     quantize_nodes: int = 0
     dequantize_nodes: int = 0
     activation_scales: dict[str, float] = field(default_factory=dict)  # tensor -> scale
+    residual_inputs: list[str] = field(default_factory=list)  # "Add node:input index" read through a Q/DQ
+    scale_type: str | None = None  # float32 or float16: the type Q/DQ compute in (and the unquantized layers)
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -121,8 +136,14 @@ def quantize_qdq(
     *,
     method: str = "minmax",
     batch_size: int = 32,
+    unquantized: str = "fp16",
+    residual: bool = True,
 ) -> QdqReport:
-    """Write the TensorRT-style Q/DQ model of ``onnx_path`` calibrated on ``inputs``; verify it."""
+    """Write the TensorRT-style Q/DQ model of ``onnx_path`` calibrated on ``inputs``; verify it.
+
+    ``unquantized``: the precision of what stays unquantized (fp16, or fp32 as before);
+    ``residual``: quantize the skip input of residual Adds (False: as before).
+    """
     import numpy as np
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -132,6 +153,8 @@ def quantize_qdq(
         raise DeployError(f"calibration method {method!r}: choose from {', '.join(CALIBRATE_METHODS)}")
     if len(inputs) == 0:
         raise DeployError("int8 needs calibration data; got 0 samples")
+    if unquantized not in UNQUANTIZED_PRECISIONS:
+        raise DeployError(f"unquantized layers in {unquantized!r}: choose from {', '.join(UNQUANTIZED_PRECISIONS)}")
     _check_option_names()
     source = onnx.load(str(onnx_path))
     opset = next((o.version for o in source.opset_import if (o.domain or "") in ("", "ai.onnx")), 0)
@@ -140,13 +163,24 @@ def quantize_qdq(
     input_name, fixed = _input_info(source)
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     reader = CalibrationReader(input_name, inputs, fixed or min(batch_size, len(inputs)))
+    calibrate_method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
     with tempfile.TemporaryDirectory(prefix="deploykit-qdq-") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "qdq.onnx"
         try:
+            source_path = Path(onnx_path)
+            if unquantized == "fp16" and opset < FLOAT16_OPSET:
+                source_path = Path(tmp) / "opset19.onnx"
+                from onnx import version_converter
+
+                onnx.save(version_converter.convert_version(source, FLOAT16_OPSET), str(source_path))
             # Shape inference plus ORT's *basic* rewrites (standard ops only): removes the
             # Identity nodes the exporter puts in front of shared initializers, so every
             # weight reaches its Conv/Gemm as an initializer and is quantized per channel.
-            quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+            quant_pre_process(str(source_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
                 str(prepared), str(quantized), reader,
                 quant_format=QuantFormat.QDQ,
@@ -155,27 +189,86 @@ def quantize_qdq(
                 reduce_range=False,
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method={
-                    "minmax": CalibrationMethod.MinMax,
-                    "entropy": CalibrationMethod.Entropy,
-                    "percentile": CalibrationMethod.Percentile,
-                }[method],
+                calibrate_method=calibrate_method,
                 extra_options=dict(TRT_EXTRA_OPTIONS),
             )
+            model = onnx.load(str(quantized))
+            residuals = _quantize_residuals(model, prepared, reader, calibrate_method) if residual else []
+            _drop_unused_domains(model)
+            if unquantized == "fp16":
+                model = to_float16(model)
         except DeployError:
             raise
         except Exception as err:  # ORT raises plain Exceptions and its own Fail types
-            raise DeployError(f"Q/DQ quantization failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
-        model = onnx.load(str(quantized))
-        _drop_unused_domains(model)
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise DeployError(f"Q/DQ quantization failed: {type(err).__name__}: {detail}") from err
         onnx.save(model, str(out_path))
     report = inspect_qdq(out_path)
+    expected_type = "float16" if unquantized == "fp16" else "float32"
+    if report.scale_type != expected_type:
+        report.violations.append(f"Q/DQ scales are {report.scale_type}, expected {expected_type}")
+    unquantized_skips = sorted(set(residuals) - set(report.residual_inputs))
+    if unquantized_skips:
+        report.violations.append(f"residual Add input(s) {', '.join(unquantized_skips[:3])} not quantized")
     if not report.ok:
         first = report.violations[0] if report.violations else "no weighted op quantized"
         raise DeployError(f"the Q/DQ model breaks TensorRT's rules: {first}")
-    logger.info("Q/DQ: %d of %d weighted ops quantized, %d calibration samples",
-                report.quantized_nodes, report.weighted_nodes, len(inputs))
+    logger.info("Q/DQ: %d of %d weighted ops and %d residual Add inputs quantized, the rest in %s; "
+                "%d calibration samples", report.quantized_nodes, report.weighted_nodes, len(residuals),
+                unquantized, len(inputs))
     return report
+
+
+def _quantize_residuals(model: Any, prepared: Path, reader: CalibrationReader, method: Any) -> list[str]:
+    """Q/DQ on the skip input of every residual Add of ``model`` (found on the float ``prepared``).
+
+    Returns every skip input as "Add:index". Some already read a Q/DQ pair: ORT hands a
+    non-quantized consumer of a quantized tensor (the skip also feeds a Conv) its DQ output.
+    """
+    import onnx
+
+    from deploykit.backends.qdq_residual import (
+        calibrate_scales, existing_scales, find_residual_inputs, insert_residual_qdq,
+    )
+
+    adds = {(n.name or n.output[0]): n for n in model.graph.node if n.op_type == "Add"}
+    found = [r for r in find_residual_inputs(onnx.load(str(prepared))) if r.add in adds]
+    todo = [r for r in found if adds[r.add].input[r.index] == r.tensor]
+    scales = existing_scales(model)
+    missing = {r.tensor for r in todo} - set(scales)
+    if missing:
+        scales.update(calibrate_scales(prepared, missing, reader, method))
+    insert_residual_qdq(model, todo, scales)
+    logger.debug("residual Adds: %d skip inputs, %d given a Q/DQ here (%d calibrated)",
+                 len(found), len(todo), len(missing))
+    return [f"{r.add}:{r.index}" for r in found]
+
+
+def to_float16(model: Any) -> Any:
+    """Every float tensor in float16, graph inputs and outputs kept float32, nodes in order."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = convert_float_to_float16(model, keep_io_types=True)
+    _sort_nodes(converted.graph)  # the converter appends its input Casts at the end
+    return converted
+
+
+def _sort_nodes(graph: Any) -> None:
+    """Order ``graph``'s nodes so each comes after the producers of its inputs (stable otherwise)."""
+    nodes = list(graph.node)
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    placed, ordered = [False] * len(nodes), []
+    while len(ordered) < len(nodes):
+        before = len(ordered)
+        for k, node in enumerate(nodes):
+            if not placed[k] and all(name in available for name in node.input):
+                placed[k] = True
+                ordered.append(node)
+                available.update(node.output)
+        if len(ordered) == before:
+            raise DeployError("the float16 Q/DQ graph has a cycle or an undefined input")
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -236,12 +329,26 @@ def inspect_qdq(model_or_path: Any) -> QdqReport:
         return scale
 
     def feeds_weighted(q: Any) -> bool:
-        """A Q whose DQ feeds a weighted op quantizes that op's input (wanted), not an output."""
+        """A Q whose DQ feeds a weighted op (or a residual Add) quantizes an input (wanted), not an output."""
         return any(
-            c.op_type in WEIGHTED_OPS
+            c.op_type in (*WEIGHTED_OPS, "Add")
             for dq in consumers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"
             for c in consumers.get(dq.output[0], [])
         )
+
+    for node in graph.node:
+        if node.op_type != "Add":
+            continue
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in producer \
+                    and producer[dq.input[0]].op_type == "QuantizeLinear":
+                report.residual_inputs.append(f"{node.name or node.output[0]}:{index}")
+    scale_types = sorted({str(array(n.input[1]).dtype) for n in graph.node
+                          if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[1] in init})
+    report.scale_type = scale_types[0] if len(scale_types) == 1 else None
+    if len(scale_types) > 1:
+        report.violations.append(f"Q/DQ scales mix {' and '.join(scale_types)}; a strongly typed network needs one")
 
     for node in graph.node:
         if node.op_type not in WEIGHTED_OPS:

@@ -7,7 +7,10 @@ precision, so the same recipe works on TensorRT 10 (strong typing opted in) and 
 - fp32: the exported ONNX as is;
 - fp16: the ONNX converted to float16 with float32 inputs/outputs
   (``onnxruntime.transformers.float16``; NVIDIA's own route is ModelOpt AutoCast);
-- int8: a Q/DQ ONNX from deploykit's calibration set (:mod:`deploykit.backends.qdq`). Never the
+- int8: a Q/DQ ONNX from deploykit's calibration set (:mod:`deploykit.backends.qdq`), with the
+  skip input of residual Adds quantized and every unquantized layer in float16, as NVIDIA
+  Model-Optimizer's ONNX INT8 mode writes it (options ``quantize_residual`` and
+  ``unquantized_precision`` switch back to the earlier FP32, inputs-only recipe). Never the
   implicit ``IInt8Calibrator`` path (deprecated in TensorRT 10.1, removed in 11).
 
 An artifact holds the ONNX the engine is built from (``model.<precision>.onnx``), the engine
@@ -39,7 +42,9 @@ logger = logging.getLogger(__name__)
 ENGINE_FILE = "model.engine"
 SCRIPT_FILE = "build_engine.sh"
 CALIBRATION_FILE = "calibration.json"
-BUNDLE_TIMING_CACHE = "timing.cache"  # trtexec's cache, beside the script
+# trtexec's cache, beside the script, named there after the GPU that runs it: trtexec loads
+# --timingCacheFile without checking the device it was written on.
+BUNDLE_TIMING_CACHE = "timing-<GPU>-<compute capability>.cache"
 NEEDS = "an NVIDIA GPU and TensorRT"
 STATUS = ("engine build/run written to TensorRT 10/11's documented API, never executed in "
           "deploykit's test environment (no GPU, no TensorRT); --emit-only and the Q/DQ ONNX are tested")
@@ -54,6 +59,10 @@ OPTIONS = {
     "timing_cache": Option(None, "timing cache file (default: ~/.cache/deploykit/tensorrt/)", kind=str),
     "calibrate_method": Option("minmax", "how activation ranges are set", ("minmax", "entropy", "percentile"),
                                ("int8",)),
+    "unquantized_precision": Option("fp16", "precision of the layers INT8 leaves unquantized (fp32: earlier recipe)",
+                                    ("fp16", "fp32"), ("int8",)),
+    "quantize_residual": Option(True, "Q/DQ on residual Adds' skip input so Conv+Add fuse in INT8 "
+                                      "(false: earlier recipe)", precisions=("int8",)),
 }
 
 
@@ -91,12 +100,32 @@ def trtexec_command(onnx_file: str, *, input_name: str, profile: dict[str, list[
         "trtexec", f"--onnx={onnx_file}", f"--saveEngine={ENGINE_FILE}", "--stronglyTyped",
         f"--memPoolSize=workspace:{options['workspace_mib']}M",
         f"--builderOptimizationLevel={options['builder_optimization_level']}",
-        f"--timingCacheFile={BUNDLE_TIMING_CACHE}",
-    ]
+    ]  # build_engine.sh adds --timingCacheFile, named for the GPU it runs on
     if profile is not None:
         for flag, key in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
             command.append(f"{flag}={input_name}:{'x'.join(map(str, profile[key]))}")
     return [*command, "--skipInference"]
+
+
+# trtexec builds on CUDA device 0, the first entry of CUDA_VISIBLE_DEVICES. nvidia-smi numbers
+# GPUs in PCI order, CUDA fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, so the script sets
+# PCI order when the caller did not; an index under another order names no row it can trust.
+_TIMING_CACHE_BY_GPU = """\
+# trtexec loads --timingCacheFile without checking which GPU wrote it: one cache per GPU model.
+export CUDA_DEVICE_ORDER="${CUDA_DEVICE_ORDER:-PCI_BUS_ID}"
+device="${CUDA_VISIBLE_DEVICES-0}"
+device="${device%%,*}"
+gpu=""
+if [[ -n "$device" && ( "$CUDA_DEVICE_ORDER" == PCI_BUS_ID || ! "$device" =~ ^[0-9]+$ ) ]]; then
+  gpu="$(nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader -i "$device" 2>/dev/null | head -n 1 || true)"
+fi
+timing_cache=()
+if [[ -n "$gpu" ]]; then
+  timing_cache=("--timingCacheFile=timing-$(printf '%s' "$gpu" | tr -cs 'A-Za-z0-9.' '-').cache")
+else
+  echo "build_engine.sh: cannot tell which GPU is CUDA device 0; building without a timing cache" >&2
+fi
+"""
 
 
 def _write_script(path: Path, command: list[str]) -> None:
@@ -106,7 +135,8 @@ def _write_script(path: Path, command: list[str]) -> None:
         "# the same build configuration as `deploykit build ... --target tensorrt` (written by deploykit).\n"
         "set -euo pipefail\n"
         'cd "$(dirname "$0")"\n'
-        f"{shlex.join(command)}\n"
+        f"{_TIMING_CACHE_BY_GPU}"
+        f'{shlex.join(command)} ${{timing_cache[@]+"${{timing_cache[@]}}"}}\n'
     )
     path.chmod(0o755)
 
@@ -165,16 +195,19 @@ def emit_tensorrt_bundle(onnx_path: Path, out_dir: Path, precision: str, calibra
     if precision == "fp32":
         shutil.copyfile(onnx_path, source)
     elif precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from deploykit.backends.qdq import to_float16
 
-        onnx.save(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True), str(source))
+        onnx.save(to_float16(onnx.load(str(onnx_path))), str(source))
     elif precision == "int8":
         if inputs is None:
             raise DeployError("target tensorrt int8 needs calibration data: pass --calib DIR")
-        report = quantize_qdq(onnx_path, source, inputs, method=options["calibrate_method"])
+        report = quantize_qdq(onnx_path, source, inputs, method=options["calibrate_method"],
+                              unquantized=options["unquantized_precision"], residual=options["quantize_residual"])
         facts["qdq"] = report.to_dict()
         calib_summary = {**summary, "method": options["calibrate_method"],
                          "scheme": "symmetric int8: per-channel weights, per-tensor activations, zero point 0",
+                         "unquantized_precision": options["unquantized_precision"],
+                         "residual_inputs_quantized": report.residual_inputs,
                          "activation_amax": {k: v * 127 for k, v in report.activation_scales.items()},
                          "activation_scales": report.activation_scales}
         (out_dir / CALIBRATION_FILE).write_text(json.dumps(calib_summary, indent=2) + "\n")
@@ -183,7 +216,8 @@ def emit_tensorrt_bundle(onnx_path: Path, out_dir: Path, precision: str, calibra
         raise DeployError(f"target tensorrt does not build precision {precision}; choose from fp32, fp16, int8")
     command = trtexec_command(source.name, input_name=input_name, profile=profile, options=options)
     _write_script(out_dir / SCRIPT_FILE, command)
-    facts.update(trtexec=shlex.join(command), script=SCRIPT_FILE, options=options)
+    facts.update(trtexec=shlex.join(command), script=SCRIPT_FILE, options=options,
+                 trtexec_timing_cache=BUNDLE_TIMING_CACHE)
     facts["onnxruntime_check"] = (
         _onnxruntime_check(onnx_path, source, held_out, labels, threads) if held_out is not None and len(held_out)
         else None

@@ -16,10 +16,20 @@ and there was no GPU. It follows the TensorRT 10/11 Python API documentation:
 
 Device buffers are PyTorch CUDA tensors; GPU compute time is measured with CUDA events
 around ``execute_async_v3`` only, host-to-device and device-to-host copies separately.
+
+TensorRT treats its logger as a process-wide singleton ("multiple instances of IRuntime
+and/or IBuilder must all use the same logger", ``ILogger``'s documentation), so one
+forwarding logger serves every Builder and Runtime here, and each call that can fail
+collects the errors logged while it runs (:func:`captured_errors`). Those two pieces, the
+timing-cache handling and the input-shape checks are exercised by deploykit's tests with a
+stand-in ``tensorrt`` module (no TensorRT call is made); the rest has not run.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +41,97 @@ from deploykit.files import atomic_file
 logger = logging.getLogger(__name__)
 
 
-def _trt_logger():
-    """A TensorRT logger that forwards to :mod:`logging` and keeps the last errors for messages."""
+_LOCK = threading.Lock()
+_PROCESS_LOGGER: Any = None  # the one TensorRT logger of this process, created on first use
+_CAPTURES: dict[int, list[list[str]]] = {}  # thread id -> the error lists of its open captured_errors()
+
+
+def _record_error(message: str) -> None:
+    """Hand an error to the calling thread's open captures, else (a TensorRT worker thread) to all."""
+    with _LOCK:
+        targets = _CAPTURES.get(threading.get_ident()) or [c for lists in _CAPTURES.values() for c in lists]
+        for errors in targets:
+            errors.append(message)
+
+
+def process_logger() -> Any:
+    """The process-wide TensorRT logger: forwards to :mod:`logging`, errors to :func:`captured_errors`."""
+    global _PROCESS_LOGGER
     import tensorrt as trt
 
-    class Forward(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
+    with _LOCK:
+        if _PROCESS_LOGGER is not None:
+            return _PROCESS_LOGGER
 
-        def log(self, severity: Any, msg: str) -> None:
-            level = trt.ILogger.Severity
-            if severity in (level.INTERNAL_ERROR, level.ERROR):
-                self.errors.append(msg)
-                logger.error("TensorRT: %s", msg)
-            elif severity == level.WARNING:
-                logger.warning("TensorRT: %s", msg)
-            elif severity == level.INFO:
-                logger.debug("TensorRT: %s", msg)
+        class Forward(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
 
-    return Forward()
+            def log(self, severity: Any, msg: str) -> None:
+                level = trt.ILogger.Severity
+                if severity in (level.INTERNAL_ERROR, level.ERROR):
+                    _record_error(msg)
+                    logger.error("TensorRT: %s", msg)
+                elif severity == level.WARNING:
+                    logger.warning("TensorRT: %s", msg)
+                elif severity == level.INFO:
+                    logger.debug("TensorRT: %s", msg)
+
+        _PROCESS_LOGGER = Forward()  # kept for the life of the process: TensorRT may log until exit
+        return _PROCESS_LOGGER
+
+
+@contextlib.contextmanager
+def captured_errors() -> Iterator[list[str]]:
+    """The TensorRT errors logged while the block runs (on this thread, or on TensorRT's own)."""
+    errors: list[str] = []
+    ident = threading.get_ident()
+    with _LOCK:
+        _CAPTURES.setdefault(ident, []).append(errors)
+    try:
+        yield errors
+    finally:
+        with _LOCK:
+            _CAPTURES[ident].remove(errors)
+            if not _CAPTURES[ident]:
+                del _CAPTURES[ident]
+
+
+def _reason(errors: list[str], default: str) -> str:
+    text = str(errors[-1]).strip() if errors else ""
+    return text.splitlines()[0] if text else default
+
+
+def attach_timing_cache(config: Any, path: Path) -> str:
+    """Give ``config`` the timing cache in ``path``; returns reused, new, rejected or unreadable.
+
+    A cache from another GPU or TensorRT is refused by ``set_timing_cache`` (returns False;
+    ``ignore_mismatch=False``, its timings would not apply) and a fresh one is used instead,
+    as for a file TensorRT cannot parse (``create_timing_cache`` returns None or raises).
+    Either way the build goes on; only an unreadable file is then left as it was.
+    """
+    previous = path.read_bytes() if path.is_file() else b""
+    status = "reused" if previous else "new"
+    cache = None
+    if previous:
+        try:
+            cache = config.create_timing_cache(previous)
+        except Exception as err:  # the bindings raise on some corrupt buffers, return None on others
+            logger.debug("create_timing_cache(%s): %s", path, err)
+        if cache is None:
+            logger.warning("timing cache %s is not a TensorRT timing cache (corrupt or another file); "
+                           "building without it and leaving the file as it is", path)
+            status = "unreadable"
+        elif not config.set_timing_cache(cache, ignore_mismatch=False):
+            logger.warning("timing cache %s is from another GPU or TensorRT; starting a new one", path)
+            status, cache = "rejected", None
+        else:
+            return status
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        logger.warning("TensorRT could not create a timing cache; building without one")
+        return "unreadable" if status == "unreadable" else "none"
+    return status
 
 
 def build_engine(onnx_file: Path, engine_file: Path, *, input_name: str, profile: dict[str, list[int]] | None,
@@ -58,14 +139,16 @@ def build_engine(onnx_file: Path, engine_file: Path, *, input_name: str, profile
     """Parse ``onnx_file`` into a strongly typed network, build, write the plan; return build facts."""
     import tensorrt as trt
 
-    log = _trt_logger()
+    log = process_logger()
     builder = trt.Builder(log)
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, log)
-    if not parser.parse_from_file(str(onnx_file)):
-        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)] or log.errors or ["unknown error"]
-        first = str(errors[0]).strip().splitlines()[0] if str(errors[0]).strip() else "unknown error"
+    with captured_errors() as logged:
+        parsed = parser.parse_from_file(str(onnx_file))
+    if not parsed:
+        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)] or logged
+        first = _reason([errors[0]] if errors else [], "unknown error")
         raise DeployError(f"TensorRT's ONNX parser rejected {onnx_file.name}: {first}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options["workspace_mib"]) << 20)
@@ -74,25 +157,49 @@ def build_engine(onnx_file: Path, engine_file: Path, *, input_name: str, profile
         shapes = builder.create_optimization_profile()
         shapes.set_shape(input_name, profile["min"], profile["opt"], profile["max"])
         config.add_optimization_profile(shapes)
-    previous = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(previous)
-    # ignore_mismatch=False: a cache from another GPU is refused (set_timing_cache returns
-    # False); its timings would not apply, so the build starts a fresh cache instead.
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        logger.warning("timing cache %s is from another GPU or TensorRT; starting a new one", timing_cache)
-        previous = b""
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    plan = builder.build_serialized_network(network, config)
+    cache_status = attach_timing_cache(config, timing_cache)
+    with captured_errors() as logged:
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise DeployError(f"TensorRT could not build an engine from {onnx_file.name}: "
-                          f"{log.errors[-1] if log.errors else 'see the log (-vv)'}")
+                          f"{_reason(logged, 'see the log (-vv)')}")
     with atomic_file(engine_file, force=True) as tmp:
         tmp.write_bytes(bytes(memoryview(plan)))
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(timing_cache, force=True) as tmp:
-        tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    used = config.get_timing_cache()
+    if used is not None and cache_status != "unreadable":
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(timing_cache, force=True) as tmp:
+            tmp.write_bytes(bytes(memoryview(used.serialize())))
     return {"tensorrt_version": trt.__version__, "strongly_typed_flag": strongly_typed is not None,
-            "timing_cache_reused": bool(previous), "engine_bytes": engine_file.stat().st_size}
+            "timing_cache_reused": cache_status == "reused", "timing_cache_status": cache_status,
+            "engine_bytes": engine_file.stat().st_size}
+
+
+def check_input_shape(shape: Sequence[int], engine_shape: Sequence[int],
+                      profile: tuple[Sequence[int], Sequence[int]] | None) -> None:
+    """Refuse an input shape the engine does not take, before any buffer is bound.
+
+    ``engine_shape`` is the engine's input shape (-1 where dynamic); ``profile`` the (min, max)
+    shapes of optimization profile 0 when a dimension is dynamic. TensorRT reads a buffer of
+    the engine's shape, so binding a smaller one would be read out of bounds silently.
+    """
+    shape, engine_shape = tuple(int(d) for d in shape), tuple(int(d) for d in engine_shape)
+    if len(shape) != len(engine_shape):
+        raise DeployError(f"input of shape {shape}: this engine takes rank-{len(engine_shape)} inputs "
+                          f"{engine_shape}")
+    if all(d >= 0 for d in engine_shape):
+        if shape != engine_shape:
+            what = (f"batches of exactly {engine_shape[0]}" if shape[1:] == engine_shape[1:]
+                    else f"inputs of shape {engine_shape}")
+            raise DeployError(f"input of shape {shape}: this fixed-shape engine takes {what}")
+        return
+    low, high = (tuple(int(d) for d in p) for p in profile) if profile is not None else (engine_shape, engine_shape)
+    for axis, (size, fixed) in enumerate(zip(shape, engine_shape)):
+        if fixed >= 0 and size != fixed:
+            raise DeployError(f"input of shape {shape}: dimension {axis} must be {fixed} (engine {engine_shape})")
+        if fixed < 0 and not low[axis] <= size <= high[axis]:
+            raise DeployError(f"input of shape {shape}: dimension {axis} is outside the engine's optimization "
+                              f"profile ({low[axis]} to {high[axis]})")
 
 
 class TensorRTRunner:
@@ -103,12 +210,11 @@ class TensorRTRunner:
         import torch
 
         self.threads = threads  # host threads are not used; kept for the Runner protocol
-        self._log = _trt_logger()
-        self._runtime = trt.Runtime(self._log)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_file).read_bytes())
+        self._runtime = trt.Runtime(process_logger())
+        with captured_errors() as logged:
+            self.engine = self._runtime.deserialize_cuda_engine(Path(engine_file).read_bytes())
         if self.engine is None:
-            reason = self._log.errors[-1] if self._log.errors else "unknown error"
-            raise DeployError(f"TensorRT cannot load {engine_file}: {reason}")
+            raise DeployError(f"TensorRT cannot load {engine_file}: {_reason(logged, 'unknown error')}")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -118,8 +224,14 @@ class TensorRTRunner:
         self.input_name, self.output_name = inputs[0], outputs[0]
         self.dtypes = {n: torch.from_numpy(np.empty(0, trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
                        for n in (self.input_name, self.output_name)}
-        self.max_batch = profile["max"][0] if profile else None
-        self.fixed_batch = None if profile else int(self.engine.get_tensor_shape(self.input_name)[0])
+        # The engine says what it takes; build.json's profile is only what was asked for.
+        self.input_shape = tuple(int(d) for d in self.engine.get_tensor_shape(self.input_name))
+        self.input_profile = None
+        if any(d < 0 for d in self.input_shape):
+            low, _, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.input_profile = (tuple(int(d) for d in low), tuple(int(d) for d in high))
+        self.max_batch = self.input_profile[1][0] if self.input_profile else None
+        self.fixed_batch = None if self.input_profile else self.input_shape[0]
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
         self._buffers: dict[tuple[int, ...], dict[str, Any]] = {}
@@ -128,6 +240,7 @@ class TensorRTRunner:
         """Device and pinned host buffers for an input ``shape``, bound to the context."""
         import torch
 
+        check_input_shape(shape, self.input_shape, self.input_profile)
         if self.fixed_batch is None and not self.context.set_input_shape(self.input_name, shape):
             raise DeployError(f"input shape {shape} is outside the engine's optimization profile")
         buffers = self._buffers.get(shape)
@@ -145,9 +258,10 @@ class TensorRTRunner:
         return buffers
 
     def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            reason = self._log.errors[-1] if self._log.errors else "unknown error"
-            raise DeployError(f"TensorRT execution failed: {reason}")
+        with captured_errors() as logged:
+            done = self.context.execute_async_v3(self.stream.cuda_stream)
+        if not done:
+            raise DeployError(f"TensorRT execution failed: {_reason(logged, 'unknown error')}")
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -197,7 +311,7 @@ class TensorRTRunner:
         import torch
 
         batch = np.ascontiguousarray(inputs, dtype=np.float32)
-        buffers = self._bind(tuple(batch.shape))
+        buffers = self._bind(tuple(batch.shape))  # refuses a shape the engine does not take
         buffers["d_in"].copy_(torch.from_numpy(batch).to(self.device))
         torch.cuda.synchronize(self.device)
         timed = self._timed(self._execute)
@@ -213,7 +327,7 @@ class TensorRTRunner:
         import torch
 
         batch = np.ascontiguousarray(inputs, dtype=np.float32)
-        buffers = self._bind(tuple(batch.shape))
+        buffers = self._bind(tuple(batch.shape))  # refuses a shape the engine does not take
         buffers["h_in"].numpy()[...] = batch
 
         def h2d() -> None:
