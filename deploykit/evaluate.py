@@ -64,11 +64,9 @@ def open_evaluable(
         raise DeployError(f"{path} is a folder without {BUILD_JSON}: not an artifact")
     if path.suffix == ".onnx":
         from deploykit.backends.onnxruntime import OnnxRuntimeRunner
-        from deploykit.onnxio import onnx_io
+        from deploykit.onnxio import check_image_model
 
-        size = onnx_io(path)["inputs"][0]["shape"][-1]
-        if not isinstance(size, int):
-            raise DeployError(f"{path}: the input's width is symbolic; export with a fixed input size")
+        size = check_image_model(path)  # the same checks as `deploykit build`
         runner: Runner = OnnxRuntimeRunner(path, threads=threads)
         description = f"{path} (onnxruntime fp32)"
     else:

@@ -70,9 +70,13 @@ class Artifact:
             meta = json.loads(build_json.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise DeployError(f"{build_json} is unreadable: {err}") from err
-        for key in ("target", "precision", "files"):
+        if not isinstance(meta, dict):
+            raise DeployError(f"{build_json} is not a JSON object; rebuild the artifact")
+        for key in ("target", "precision", "files", "backend"):
             if key not in meta:
                 raise DeployError(f"{build_json} lacks {key!r}; rebuild the artifact")
+        if not isinstance(meta["backend"], dict) or not isinstance(meta["files"], dict):
+            raise DeployError(f"{build_json}: 'backend' and 'files' must be objects; rebuild the artifact")
         return cls(path, meta)
 
 

@@ -11,7 +11,6 @@ import logging
 import re
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from deploykit import __version__
 from deploykit.backends.base import BUILD_JSON, Artifact, get_backend
 from deploykit.errors import DeployError, MissingBackendError, UsageError
-from deploykit.files import atomic_file, sha256_file, sha256_tree
+from deploykit.files import atomic_file, sha256_file, sha256_tree, temp_dir
 from deploykit.package.manifest import (
     GOLDEN, MANIFEST, MODEL_DIR, README, RUNNER, RUNTIMES, SCHEMA_VERSION, SELF_TEST_TOLERANCES, Golden, LatencyBand,
     Manifest, Runtime, TensorSpec,
@@ -191,7 +190,7 @@ def package_artifact(artifact_dir: str | Path, out_tar_gz: str | Path, *, force:
     one = inputs[: batch if isinstance(batch, int) else 1]
     latency = _latency_band(meta, runner, one, threads, measure_latency)
 
-    with tempfile.TemporaryDirectory(prefix="deploykit-package-") as work:
+    with temp_dir("package") as work:
         stage = Path(work) / name
         (stage / MODEL_DIR).mkdir(parents=True)
         for rel in [*meta["files"], BUILD_JSON]:

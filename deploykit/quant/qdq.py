@@ -20,12 +20,12 @@ trusting the quantizer's options (a misspelt ``extra_options`` key is silently i
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deploykit.errors import DeployError
+from deploykit.files import temp_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -140,7 +140,7 @@ def quantize_qdq(
     input_name, fixed = _input_info(source)
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     reader = CalibrationReader(input_name, inputs, fixed or min(batch_size, len(inputs)))
-    with tempfile.TemporaryDirectory(prefix="deploykit-qdq-") as tmp:
+    with temp_dir("qdq") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "qdq.onnx"
         try:
             # Shape inference plus ORT's *basic* rewrites (standard ops only): removes the
