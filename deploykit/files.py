@@ -19,9 +19,9 @@ from deploykit.errors import DeployError
 
 logger = logging.getLogger(__name__)
 
-# Temporary names carry the owning pid ("-p1234-"), so a later run can tell a crashed run's
-# leftovers (owner dead) from a running build's (owner alive) and remove only the former.
-_PID_MARK = re.compile(r"^(?:old-)?p(\d+)-")
+# Temporary names carry the owning pid ("pPID-"), so a later run can tell a crashed run's
+# leftovers (owner dead) from a running one's (owner alive) and remove only the former.
+_TEMP_IN_TMPDIR = re.compile(r"^deploykit-[a-z0-9]+-p(\d+)-")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -29,21 +29,20 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
-        return True
-    except OSError:
+    except OSError:  # PermissionError: another user's live process
         return True
     return True
 
 
-def remove_stale(folder: Path, prefix: str) -> None:
-    """Remove ``folder/prefix*-pPID-*`` left by processes that no longer run (a killed build)."""
+def remove_stale(folder: Path, pattern: re.Pattern[str]) -> None:
+    """Remove entries of ``folder`` whose name matches ``pattern`` (group 1: the owner's pid) and
+    whose owner no longer runs: what a killed build left behind."""
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
         return
     for entry in entries:
-        match = _PID_MARK.search(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+        match = pattern.match(entry.name)
         if match is None or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
             continue
         logger.info("removing %s, left by a run that ended without cleaning up", entry)
@@ -54,11 +53,14 @@ def remove_stale(folder: Path, prefix: str) -> None:
                 entry.unlink()
 
 
+def _beside(out: Path) -> re.Pattern[str]:
+    return re.compile(rf"^\.{re.escape(out.name)}\.(?:old-)?p(\d+)-")
+
+
 def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
-    """``TemporaryDirectory`` in TMPDIR named ``deploykit-KIND-pPID-*``; a crashed run's are removed first."""
-    prefix = f"deploykit-{kind}-"
-    remove_stale(Path(tempfile.gettempdir()), prefix)
-    return tempfile.TemporaryDirectory(prefix=f"{prefix}p{os.getpid()}-")
+    """``TemporaryDirectory`` in TMPDIR named ``deploykit-KIND-pPID-*``; crashed runs' are removed first."""
+    remove_stale(Path(tempfile.gettempdir()), _TEMP_IN_TMPDIR)
+    return tempfile.TemporaryDirectory(prefix=f"deploykit-{kind}-p{os.getpid()}-")
 
 
 def check_writable(out: Path, *, force: bool, kind: str = "file") -> None:
@@ -95,7 +97,7 @@ def atomic_file(out: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it replaces ``out`` in one rename."""
     out = Path(out)
     check_writable(out, force=force)
-    remove_stale(out.parent, f".{out.name}.")
+    remove_stale(out.parent, _beside(out))
     fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -115,7 +117,7 @@ def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     check_writable(out, force=force, kind="dir")
-    remove_stale(out.parent, f".{out.name}.")
+    remove_stale(out.parent, _beside(out))
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent))
     try:
         yield tmp

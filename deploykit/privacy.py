@@ -72,3 +72,22 @@ def quiet_onnxruntime() -> None:
     import onnxruntime
 
     onnxruntime.disable_telemetry_events()
+
+
+def private_caches() -> None:
+    """For the ``deploykit`` command: point PyTorch's compile cache at a per-process folder removed at exit.
+
+    ``import torch._dynamo`` (which tracing and MAC counting pull in) creates
+    ``$TMPDIR/torchinductor_$USER`` even when nothing is compiled. A library import leaves
+    this alone (the user's program owns its torch settings); so does a set variable.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    # The name follows deploykit.files' temporary-folder pattern: a killed run's is removed by the next.
+    path = os.path.join(tempfile.gettempdir(), f"deploykit-torch-p{os.getpid()}-cache")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    atexit.register(shutil.rmtree, path, True)

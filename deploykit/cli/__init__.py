@@ -82,8 +82,11 @@ def _validation_message(err: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from deploykit.privacy import private_caches
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    private_caches()
     try:
         cli.main(args=args, prog_name="deploykit", standalone_mode=False)
     except click.exceptions.Abort:
