@@ -85,10 +85,9 @@ def refuse_non_pytorch(spec: str, what: str = "this command") -> None:
 def _mismatch(model: Any, state: dict[str, Any]) -> str:
     """The first tensor of ``state`` that does not fit ``model``: expected vs found shape, or a missing key."""
     expected = model.state_dict()
-    for name, tensor in state.items():
-        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
-            return (f"tensor {name} has shape {tuple(tensor.shape)}, the model expects "
-                    f"{tuple(expected[name].shape)}")
+    for name, want in expected.items():  # in the model's order: the first layer that does not fit
+        if name in state and tuple(state[name].shape) != tuple(want.shape):
+            return f"tensor {name} has shape {tuple(state[name].shape)}, the model expects {tuple(want.shape)}"
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     parts = []
