@@ -39,6 +39,25 @@ def save_checkpoint(model: Any, path: Path, *, spec: dict[str, Any], form: str, 
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
+def _is_whole_pickle(path: Path) -> bool:
+    """The file's pickle (``data.pkl`` inside a torch zip) parses to its end: a real pickle that the
+    weights-only loader refused, not corrupt bytes. ``pickletools`` only reads opcodes; nothing runs."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        ops = list(pickletools.genops(data))
+    except Exception:  # noqa: BLE001 - any failure to parse means "not a whole pickle"
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"
+
+
 def _parse_meta(path: Path, meta: Any) -> dict[str, Any] | None:
     """The deploykit metadata as a dict, checked; None when there is none."""
     if meta is None:
@@ -90,7 +109,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         text = str(err)
-        if "GLOBAL" in text or "Unsupported global" in text:  # an object's class or a function: code to run
+        if "GLOBAL" in text or "Unsupported global" in text or _is_whole_pickle(path):  # refused, not broken
             raise DeployError(
                 f"checkpoint {path} needs code to load (a pickled object, not plain tensors); "
                 "deploykit loads checkpoints with weights_only=True and never executes code: "
