@@ -54,7 +54,8 @@ def remove_stale(folder: Path, pattern: re.Pattern[str]) -> None:
 
 
 def _beside(out: Path) -> re.Pattern[str]:
-    return re.compile(rf"^\.{re.escape(out.name)}\.(?:old-)?p(\d+)-")
+    # Not ".NAME.old-pPID-": a run killed between its two renames leaves the previous output there.
+    return re.compile(rf"^\.{re.escape(out.name)}\.p(\d+)-")
 
 
 def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
