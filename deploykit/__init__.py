@@ -5,8 +5,15 @@ tensorrt. Those are imported by the modules that need them, on first use.
 """
 from __future__ import annotations
 
+import os as _os
+
+# Runtime telemetry off before any runtime can initialize, in this process and the children it
+# starts (deploykit.privacy says what each switch does and what was measured).
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+_os.environ.setdefault("NNCF_CI", "1")
+
 __version__ = "0.1.0"
 
-from deploykit.errors import DeployError
+from deploykit.errors import DeployError  # noqa: E402
 
 __all__ = ["DeployError", "__version__"]

@@ -132,6 +132,8 @@ def read_record(path: str | Path) -> ArtifactRecord:
         data = json.loads(build_json.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DeployError(f"{build_json} is unreadable: {err}") from err
+    if isinstance(data, dict) and "backend" not in data:  # every build writes its backend's facts
+        raise DeployError(f"{build_json} lacks 'backend'; rebuild the artifact")
     return parse_record(data, str(build_json))
 
 

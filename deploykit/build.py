@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from deploykit.backends.base import (
     DEFAULT_THREADS, BuildConfig, Runner, check_precision, get_backend, resolve_options,
 )
 from deploykit.errors import DeployError, QualityGateError, UsageError
-from deploykit.files import atomic_dir, check_writable, sha256_file
+from deploykit.files import atomic_dir, check_writable, sha256_file, temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -89,33 +88,13 @@ def default_out(model: str, target: str, precision: str) -> Path:
     return Path("build") / f"{_slug(stem)}-{target}-{precision}"
 
 
-def _check_onnx(path: Path) -> None:
-    import onnx
-
-    if not path.is_file():
-        raise DeployError(f"{path} does not exist")
-    try:
-        onnx.checker.check_model(str(path))
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # onnx raises ValidationError, DecodeError, OSError...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DeployError(f"{path} is not a valid ONNX model: {first[:200]}") from err
-    initializers = {i.name for i in model.graph.initializer}
-    if not [i for i in model.graph.input if i.name not in initializers]:
-        raise DeployError(f"{path} has no graph input")
-
-
 def _from_onnx(path: Path, threads: int) -> _Source:
     from deploykit.backends.onnxruntime import OnnxRuntimeRunner
-    from deploykit.onnxio import onnx_io
+    from deploykit.onnxio import check_image_model
 
-    _check_onnx(path)
-    io = onnx_io(path)
-    shape = io["inputs"][0]["shape"]
-    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or shape[2] != shape[3]:
-        raise DeployError(f"{path}: input shape {shape} is not (N, C, S, S) with a fixed square size")
+    size = check_image_model(path)
     return _Source(
-        onnx_path=path, input_size=shape[3],
+        onnx_path=path, input_size=size,
         reference=lambda: OnnxRuntimeRunner(path, threads=threads),
         reference_name="onnxruntime fp32 on the original ONNX",
         model_meta={"name": path.stem, "source": "onnx", "spec": str(path), "form": "deploy", "fusion": None},
@@ -233,6 +212,7 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
     """Run the pipeline for ``request``; ``progress(step)`` is called as each step starts."""
     from deploykit.device import device_fingerprint
     from deploykit.onnxio import onnx_io
+    from deploykit.device import bound_threads
     from deploykit.profiles import resolve_target
 
     step = progress or (lambda text: None)
@@ -250,15 +230,15 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
     options = resolve_options(backend.name, backend.options, given, precision)
     if not backend.can_build(options):
         raise DeployError(backend.missing_reason())
-    threads = request.threads or profile.threads or DEFAULT_THREADS
+    threads = bound_threads(request.threads or profile.threads or DEFAULT_THREADS)
     is_onnx = request.model.endswith(".onnx")
     if is_onnx and backend.builds_from_module:
         raise DeployError(f"target {backend.name} builds from a PyTorch model, not from an .onnx file")
     out = Path(request.out) if request.out else default_out(request.model, backend.name, precision)
-    check_writable(out, force=request.force)
+    check_writable(out, force=request.force, kind="dir")
     warnings: list[str] = []
 
-    with tempfile.TemporaryDirectory(prefix="deploykit-build-") as work:
+    with temp_dir("build") as work:
         if is_onnx:
             step("checking the ONNX model")
             source = _from_onnx(Path(request.model), threads)

@@ -57,14 +57,25 @@ def _describe(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     return ", ".join(fields)
 
 
+def yaml_error_line(err: Exception) -> str:
+    """``:LINE:COLUMN: reason`` of a YAML syntax error, in one line (PyYAML's spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    return f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else "")
+
+
 def load_config(path: Path, model: type[M], **defaults: Any) -> M:
     """Parse ``path`` into ``model``; any problem is one UsageError line naming the file."""
     import yaml
 
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UsageError(f"{path}: {err}") from err
+    except OSError as err:
+        raise UsageError(f"{path}: {err.strerror or err}") from err
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}{yaml_error_line(err)}") from err
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of keys to values")
     try:

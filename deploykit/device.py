@@ -211,3 +211,23 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def bound_threads(requested: int, *, what: str = "--threads") -> int:
+    """``requested`` capped at ``usable_cpus()``, with a warning when capped.
+
+    More runtime threads than CPUs only oversubscribe them; an absurd count (``--threads
+    100000``) would otherwise spawn that many threads in each runtime's pool.
+    """
+    usable = usable_cpus()
+    if requested > usable:
+        logger.warning("%s %d is more than the %d CPUs this process may use; using %d", what, requested, usable, usable)
+        return usable
+    return requested

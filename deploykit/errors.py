@@ -34,3 +34,9 @@ class QualityGateError(DeployError):
 
 class FusionError(QualityGateError):
     """A re-parameterized model does not compute the same function as the original."""
+
+
+def one_line(err: BaseException, limit: int = 240) -> str:
+    """The first non-empty line of ``err``'s message (else its type name), at most ``limit`` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]

@@ -66,11 +66,9 @@ def open_evaluable(
         return Evaluable(runner, pre, f"{path} ({artifact.target} {artifact.precision})")
     if resolved.kind == "onnx":
         from deploykit.backends.onnxruntime import OnnxRuntimeRunner
-        from deploykit.onnxio import onnx_io
+        from deploykit.onnxio import check_image_model
 
-        size = onnx_io(path)["inputs"][0]["shape"][-1]
-        if not isinstance(size, int):
-            raise DeployError(f"{path}: the input's width is symbolic; export with a fixed input size")
+        size = check_image_model(path)  # the same checks as `deploykit build`
         runner: Runner = OnnxRuntimeRunner(path, threads=threads)
         description = f"{path} (onnxruntime fp32)"
     else:

@@ -7,7 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from deploykit.checkpoint import CHECKPOINT_SUFFIXES, read_checkpoint
-from deploykit.errors import DeployError
+from deploykit.errors import DeployError, one_line
+
+# Files that are models, but not PyTorch ones: what they are, for the error that says so.
+OTHER_MODEL_FILES = {
+    ".onnx": "an ONNX model",
+    ".engine": "a TensorRT engine",
+    ".plan": "a TensorRT engine",
+    ".trt": "a TensorRT engine",
+    ".xml": "an OpenVINO IR model",
+    ".mnn": "an MNN model",
+}
+BUILD_JSON = "build.json"  # deploykit.backends.base.BUILD_JSON, not imported: loading stays light
 
 
 @dataclass
@@ -45,7 +56,46 @@ def _from_python(path_and_factory: str) -> Any:
     factory = getattr(module, factory_name, None)
     if factory is None:
         raise DeployError(f"{path} has no {factory_name!r}")
-    return factory()
+    if not callable(factory):
+        raise DeployError(f"{path}: {factory_name} is a {type(factory).__name__}, not a function returning a model")
+    try:
+        model = factory()  # the user's code: any exception it raises is its own problem to report
+    except Exception as err:
+        raise DeployError(f"{path_and_factory}: {factory_name}() raised {type(err).__name__}: {one_line(err)}") from err
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise DeployError(f"{path_and_factory}: {factory_name}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def refuse_non_pytorch(spec: str, what: str = "this command") -> None:
+    """A model file of another kind (ONNX, engine, IR) or an artifact folder, given where a PyTorch
+    MODEL is expected: one error that says what the file is."""
+    path = Path(spec)
+    if path.is_dir():
+        kind = "a deploykit artifact" if (path / BUILD_JSON).is_file() else "a folder"
+        raise DeployError(f"{path} is {kind}, not a model; {what} takes a zoo name, file.py:factory or checkpoint")
+    kind = OTHER_MODEL_FILES.get(path.suffix.lower())
+    if kind is not None:
+        raise DeployError(f"{path} is {kind}, not a PyTorch model; {what} takes a zoo name, file.py:factory "
+                          "or checkpoint (eval and bench take the artifact folder that holds a built model)")
+
+
+def _mismatch(model: Any, state: dict[str, Any]) -> str:
+    """The first tensor of ``state`` that does not fit ``model``: expected vs found shape, or a missing key."""
+    expected = model.state_dict()
+    for name, want in expected.items():  # in the model's order: the first layer that does not fit
+        if name in state and tuple(state[name].shape) != tuple(want.shape):
+            return f"tensor {name} has shape {tuple(state[name].shape)}, the model expects {tuple(want.shape)}"
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    return "; ".join(parts) or "the tensors do not fit"
 
 
 def _from_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
@@ -58,15 +108,17 @@ def _from_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Any, dict[s
             "save it with deploykit (train/fuse) or load the state_dict into your own model"
         )
     spec = {**meta["model"], **overrides}
-    model = _from_zoo(spec).eval()
+    try:
+        model = _from_zoo(spec).eval()
+    except (TypeError, ValueError) as err:  # wrong keywords or values in the recorded recipe
+        raise DeployError(f"checkpoint {path}: its model recipe {spec} does not build: {one_line(err)}") from err
     form = meta.get("form", "train")
     if form == "deploy":
         model = reparameterize(model, check=False).model
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise DeployError(f"checkpoint {path} does not fit model {spec['name']}: {first}") from err
+        raise DeployError(f"checkpoint {path} does not fit model {spec['name']}: {_mismatch(model, state)}") from err
     return model, spec, form
 
 
@@ -83,6 +135,7 @@ def load_model(
         overrides["num_classes"] = num_classes
     if cifar is not None:
         overrides["cifar"] = cifar
+    refuse_non_pytorch(spec)
     path = Path(spec)
     if path.suffix in CHECKPOINT_SUFFIXES or (path.exists() and not spec.endswith(".py")):
         model, recipe, form = _from_checkpoint(path, overrides)

@@ -34,3 +34,40 @@ def onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 def fixed_batch(io: dict[str, list[dict[str, Any]]]) -> int | None:
     first = io["inputs"][0]["shape"][0] if io["inputs"][0]["shape"] else None
     return first if isinstance(first, int) and first > 0 else None
+
+
+def check_image_model(path: Path) -> int:
+    """Validate an ONNX file given as a MODEL before anything runs it; return its input size S.
+
+    Every entry point that takes an ``.onnx`` file (build, eval) calls this: the file must
+    exist, pass ``onnx.checker``, and take one float image batch ``(N, 3, S, S)`` with a fixed
+    S, which is what deploykit's preprocessing feeds. Any problem is one DeployError line.
+    """
+    import onnx
+
+    from deploykit.errors import DeployError, one_line
+
+    path = Path(path)
+    if not path.is_file():
+        raise DeployError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        onnx.checker.check_model(str(path))
+        io = onnx_io(path)
+    except Exception as err:  # onnx raises ValidationError, DecodeError, OSError...
+        raise DeployError(f"{path} is not a valid ONNX model: {one_line(err, 200)}") from err
+    if not io["inputs"]:
+        raise DeployError(f"{path} has no graph input")
+    if len(io["inputs"]) > 1:
+        names = ", ".join(i["name"] for i in io["inputs"])
+        raise DeployError(f"{path} takes {len(io['inputs'])} inputs ({names}); deploykit feeds one image batch")
+    first = io["inputs"][0]
+    shape, dtype = first["shape"], first["dtype"]
+    fed = "deploykit feeds RGB images as (N, 3, S, S) float32"
+    if len(shape) != 4 or shape[1] != 3:
+        raise DeployError(f"{path}: input {first['name']!r} has shape {tuple(shape)}; {fed}")
+    if not all(isinstance(d, int) for d in shape[2:]) or shape[2] != shape[3]:
+        raise DeployError(f"{path}: input {first['name']!r} has shape {tuple(shape)}, not a fixed square size S; "
+                          "export with a fixed input size")
+    if dtype not in ("float32", "float16"):
+        raise DeployError(f"{path}: input {first['name']!r} is {dtype}; {fed}")
+    return int(shape[3])

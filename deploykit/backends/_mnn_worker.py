@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import sys
 
+from deploykit.procs import die_with_parent  # importing deploykit also turns runtime telemetry off
+
 
 def main(argv: list[str]) -> int:
+    die_with_parent()
     if not argv or argv[0] not in ("convert", "quant") or (argv[0] == "quant" and len(argv) != 4):
         print(__doc__, file=sys.stderr)
         return 2

@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from deploykit.backends.base import (
     Artifact, BackendBase, BuildConfig, MaxDropKnobs, Option, installed_version, resolve_options,
 )
 from deploykit.errors import DeployError, MissingBackendError
+from deploykit.files import temp_dir
 
 MODEL_FILE = "model.mnn"
 TOOL_TIMEOUT_S = 3600
@@ -84,9 +84,10 @@ def _tool_message(output: str) -> str:
 
 def run_tool(args: list[str], *, what: str, hint: str = "", produces: Path | None = None) -> str:
     """Run ``_mnn_worker ARGS`` in a subprocess; a crash or a missing output is a DeployError."""
-    cmd = [sys.executable, "-m", "deploykit.backends._mnn_worker", *args]
+    from deploykit.procs import run_python_module
+
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, errors="replace")
+        done = run_python_module("deploykit.backends._mnn_worker", args, timeout=TOOL_TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
         raise DeployError(f"{what} ran over {TOOL_TIMEOUT_S} s and was stopped{hint}") from err
     output = done.stdout + done.stderr
@@ -163,7 +164,7 @@ class MNNBackend(BackendBase):
         if config.precision != "int8":
             self._convert(onnx_path, out, flags)
         else:
-            with tempfile.TemporaryDirectory(prefix="deploykit-mnn-") as tmp:
+            with temp_dir("mnn") as tmp:
                 float_model = Path(tmp) / "float.mnn"
                 self._convert(onnx_path, float_model, [])
                 self._quantize(float_model, out, Path(tmp), io, config, options)

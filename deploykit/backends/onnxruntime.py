@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from deploykit.backends.base import (
 )
 from deploykit.errors import DeployError, MissingBackendError
 from deploykit.onnxio import fixed_batch, onnx_io
+from deploykit.files import temp_dir
 
 MODEL_FILE = "model.onnx"
 
@@ -38,12 +38,13 @@ OPTIONS = {
 
 
 def _ort():
+    from deploykit.privacy import quiet_onnxruntime, quiet_runtimes
+
+    quiet_runtimes()  # ORT_DISABLE_TELEMETRY must be set before onnxruntime is imported
     try:
         import onnxruntime
     except ImportError as err:
         raise MissingBackendError("onnxruntime", "ONNX Runtime") from err
-    from deploykit.privacy import quiet_onnxruntime
-
     quiet_onnxruntime()
     return onnxruntime
 
@@ -144,7 +145,7 @@ class OnnxRuntimeBackend(BackendBase):
             raise DeployError("int8 needs calibration data")
         io = onnx_io(onnx_path)
         reader = _Reader(io["inputs"][0]["name"], calib.inputs, fixed_batch(io) or 1)
-        with tempfile.TemporaryDirectory(prefix="deploykit-ort-") as tmp:
+        with temp_dir("ort") as tmp:
             prepared = Path(tmp) / "prepared.onnx"
             try:
                 quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)

@@ -31,12 +31,12 @@ trusting the quantizer's options (a misspelt ``extra_options`` key is silently i
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deploykit.errors import DeployError
+from deploykit.files import temp_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -168,7 +168,7 @@ def quantize_qdq(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[method]
-    with tempfile.TemporaryDirectory(prefix="deploykit-qdq-") as tmp:
+    with temp_dir("qdq") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "qdq.onnx"
         try:
             source_path = Path(onnx_path)

@@ -86,11 +86,12 @@ def child(artifact_path: Path, *, threads: int, batch: int, input_size: int, ite
 def measure_memory(artifact_path: Path, *, threads: int, batch: int, input_size: int, iterations: int,
                    seed: int = 0) -> dict[str, Any]:
     """Run ``child`` in a fresh interpreter; an error comes back as {"error": ...}."""
-    cmd = [sys.executable, "-m", "deploykit.bench.memory", str(artifact_path), "--threads", str(threads),
-           "--batch", str(batch), "--input-size", str(input_size), "--iterations", str(iterations),
-           "--seed", str(seed)]
+    from deploykit.procs import run_python_module
+
+    args = [str(artifact_path), "--threads", str(threads), "--batch", str(batch), "--input-size", str(input_size),
+            "--iterations", str(iterations), "--seed", str(seed)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=MEMORY_TIMEOUT_S)
+        done = run_python_module("deploykit.bench.memory", args, timeout=MEMORY_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"error": f"memory measurement timed out after {MEMORY_TIMEOUT_S} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -101,6 +102,9 @@ def measure_memory(artifact_path: Path, *, threads: int, batch: int, input_size:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from deploykit.procs import die_with_parent
+
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m deploykit.bench.memory")
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--threads", type=int, default=1)

@@ -17,7 +17,24 @@ from deploykit.errors import DeployError
 SCHEMA = "deploykit.bench/1"
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
-REQUIRED_KEYS = ("schema", "status", "config_id", "config", "device")
+REQUIRED_KEYS = ("schema", "status", "config_id", "config", "device", "versions")
+CONFIG_KEYS = ("model", "form", "target", "target_name", "precision", "batch", "threads")
+SUMMARY_KEYS = ("median_ms", "min_ms", "p90_ms", "iqr_ms", "cv", "ci_low_ms", "ci_high_ms", "rounds", "unstable",
+                "unstable_reasons")
+
+
+def check_appendable(path: Path) -> None:
+    """Fail now, before anything is measured, when rows could not be appended to ``path``."""
+    from deploykit.files import check_writable
+
+    path = Path(path)
+    if path.is_dir():
+        raise DeployError(f"{path} is a directory, not a results file")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise DeployError(f"cannot append results to {path}: the file is not writable")
+    else:
+        check_writable(path, force=False)
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -56,7 +73,20 @@ def _parse(path: Path, number: int, line: str) -> dict[str, Any]:
         raise DeployError(f"{path}:{number}: 'device' must be an object with an 'id'")
     if row["schema"] != SCHEMA:
         raise DeployError(f"{path}:{number}: result schema {row['schema']!r}, this deploykit reads {SCHEMA!r}")
+    _require(path, number, "config", row["config"], CONFIG_KEYS)
+    if row["status"] == STATUS_OK:
+        _require(path, number, "", row, ("summary",))
+        _require(path, number, "summary", row["summary"], SUMMARY_KEYS)
     return row
+
+
+def _require(path: Path, number: int, where: str, value: Any, keys: tuple[str, ...]) -> None:
+    if not isinstance(value, dict):
+        raise DeployError(f"{path}:{number}: {where!r} must be an object")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        inside = f" in {where!r}" if where else ""
+        raise DeployError(f"{path}:{number}: not a complete result row (missing {', '.join(missing)}{inside})")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

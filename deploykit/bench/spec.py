@@ -109,6 +109,13 @@ class SweepSpec(_Strict):
     def _strings(cls, value: Any) -> Any:
         return [_as_mapping(v) for v in value] if isinstance(value, list) else value
 
+    @field_validator("threads", mode="after")
+    @classmethod
+    def _bounded_threads(cls, value: list[int]) -> list[int]:
+        from deploykit.device import bound_threads
+
+        return list(dict.fromkeys(bound_threads(t, what="threads") for t in value))  # capped, duplicates dropped
+
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
         labels = [m.label for m in self.models]
@@ -199,8 +206,12 @@ def load_sweep(path: Path, **overrides: Any) -> SweepSpec:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise UsageError(f"sweep file {path} does not exist") from None
-    except (OSError, yaml.YAMLError) as err:
-        raise UsageError(f"{path}: {err}") from err
+    except OSError as err:
+        raise UsageError(f"{path}: {err.strerror or err}") from err
+    except yaml.YAMLError as err:
+        from deploykit.configfile import yaml_error_line
+
+        raise UsageError(f"{path}{yaml_error_line(err)}") from err
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of sweep keys to values")
     data.setdefault("name", path.stem)

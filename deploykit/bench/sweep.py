@@ -201,6 +201,7 @@ class _Sweep:
         prepared.runner = None  # let the runtime free the model before the next group
 
     def run(self, retry_failed: bool) -> SweepOutcome:
+        results.check_appendable(self.path)
         todo = configurations(self.spec)
         done = self._done_ids(retry_failed)
         pending = [c for c in todo if config_id(c, self.spec) not in done]

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol
 
-from deploykit.errors import DeployError
+from deploykit.errors import DeployError, one_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,8 +68,8 @@ def _decode(data: bytes | Path, name: str, preprocessing: Preprocessing) -> np.n
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
             image.load()
             return preprocessing.apply(image, name)
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise DeployError(f"cannot read image {name}: {err}") from err
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DeployError(f"cannot read image {name}: {one_line(err)}") from err
 
 
 def _label_items(paths: list[PurePosixPath]) -> tuple[list[tuple[PurePosixPath, int | None]], tuple[str, ...] | None]:
@@ -119,6 +119,13 @@ class ImageFolder:
         return _chunked(self, indices, preprocessing, chunk)
 
 
+def _archive_problem(err: BaseException) -> str:
+    """One line: tarfile's "r:*" error lists every compression method it tried, one per line."""
+    if isinstance(err, tarfile.ReadError) and "could not be opened successfully" in str(err):
+        return "not a tar archive (plain, gzip, bz2 or xz)"
+    return one_line(err)
+
+
 @lru_cache(maxsize=8)
 def _tar_members(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
     """Names of the files in the archive (one pass over it; cached per file version)."""
@@ -126,7 +133,7 @@ def _tar_members(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
         with tarfile.open(path, "r:*") as archive:
             return tuple(m.name.removeprefix("./") for m in archive if m.isfile())
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise DeployError(f"cannot read archive {path}: {err}") from err
+        raise DeployError(f"cannot read archive {path}: {_archive_problem(err)}") from err
 
 
 class TarImageFolder:
@@ -171,7 +178,7 @@ class TarImageFolder:
                     if not left:
                         return
         except (tarfile.TarError, OSError, EOFError) as err:
-            raise DeployError(f"cannot read archive {self.path}: {err}") from err
+            raise DeployError(f"cannot read archive {self.path}: {_archive_problem(err)}") from err
 
     def load(self, indices: Sequence[int], preprocessing: Preprocessing) -> np.ndarray:
         import numpy as np

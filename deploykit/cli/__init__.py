@@ -12,7 +12,7 @@ import sys
 import click
 
 from deploykit import __version__
-from deploykit.errors import DeployError
+from deploykit.errors import DeployError, one_line
 
 # command name -> "module:attribute"; a module is imported only when its command runs.
 COMMANDS: dict[str, str] = {
@@ -63,9 +63,30 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _message(err: DeployError) -> str:
+    """A user error in one line (two at most): the extra lines of a multi-line message are dropped."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "\n".join(lines[:2]) or type(err).__name__
+
+
+def _is_validation_error(err: Exception) -> bool:
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(err, pydantic.ValidationError)
+
+
+def _validation_message(err: Exception) -> str:
+    first = err.errors()[0]  # type: ignore[attr-defined]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""  # type: ignore[attr-defined]
+    return f"{err.title}: {where}: {first.get('msg', '')}{more}"  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> None:
+    from deploykit.privacy import private_caches
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    private_caches()
     try:
         cli.main(args=args, prog_name="deploykit", standalone_mode=False)
     except click.exceptions.Abort:
@@ -77,8 +98,19 @@ def main(argv: list[str] | None = None) -> None:
     except DeployError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {_message(err)}", err=True)
         sys.exit(err.exit_code)
+    except OSError as err:  # the environment refused (permissions, a file where a folder goes, disk full)
+        if debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        click.echo(f"error: {where}{err.strerror or one_line(err)}", err=True)
+        sys.exit(1)
+    except Exception as err:
+        if debug or not _is_validation_error(err):
+            raise
+        click.echo(f"error: {_validation_message(err)}", err=True)  # a file deploykit reads failed its schema
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

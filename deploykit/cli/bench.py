@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from deploykit.cli.options import THREADS
+
 
 def _invocation() -> str:
     """The command line as typed (so reports can say how to regenerate them)."""
@@ -24,7 +26,7 @@ def _invocation() -> str:
 @click.option("--target", "targets", multiple=True, help="Target (see `deploykit targets`); repeatable.")
 @click.option("--precision", "precisions", multiple=True, help="fp32, fp16, int8, w8; repeatable.")
 @click.option("--batch", "batch_sizes", multiple=True, type=click.IntRange(1), help="Batch size; repeatable.")
-@click.option("--threads", multiple=True, type=click.IntRange(1), help="Thread count; repeatable.")
+@click.option("--threads", multiple=True, type=THREADS, help="Thread count; repeatable.")
 @click.option("--input-size", "input_sizes", multiple=True, type=click.IntRange(8, 4096), help="Input height/width; repeatable (default: the model's).")
 @click.option("--cifar", is_flag=True, default=None, help="Zoo models: the 32x32 CIFAR variant.")
 @click.option("--num-classes", type=click.IntRange(1), default=None, help="Zoo models: classifier width.")
@@ -91,6 +93,10 @@ def bench(sweep_file: Path | None, results: Path, artifacts: tuple[Path, ...], o
         if row["status"] != "ok":
             click.echo(f"  {row['status']}: {row['config']['model']} {row['config']['target']} "
                        f"{row['config']['precision']}: {row['reason']}")
+    if outcome.measured == 0 and (outcome.skipped or outcome.failed):
+        from deploykit.errors import DeployError
+
+        raise DeployError(f"nothing was measured: {outcome.skipped} skipped, {outcome.failed} failed (reasons above)")
     click.echo(f"next: deploykit report latency {results} --out reports/{spec.name}")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from deploykit.cli.options import DEFAULT_THREADS, DEFAULT_VERIFY_SAMPLES
+from deploykit.cli.options import DEFAULT_THREADS, DEFAULT_VERIFY_SAMPLES, THREADS
 
 PRECISIONS = ("fp32", "fp16", "int8", "w8")
 
@@ -63,7 +63,7 @@ def _logs_to(console: Any) -> Iterator[None]:
 @click.option("--seed", type=int, default=None, help="Seed of the calibration subset (default: the recipe's).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Artifact directory (default build/MODEL-TARGET-PRECISION).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help=f"Runtime threads (default: the profile's, else {DEFAULT_THREADS}).")
+@click.option("--threads", type=THREADS, default=None, help=f"Runtime threads (default: the profile's, else {DEFAULT_THREADS}).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Target option, repeatable; valid keys: `deploykit targets --json`.")
 @click.option("--max-drop", type=float, default=None, help="int8: largest top-1 drop in points (1.0 = one point): openvino uses NNCF accuracy control; "
@@ -147,7 +147,7 @@ def _print_build(meta: dict[str, Any], path: Path) -> None:
 @click.option("--data", required=True, help="Labeled images: folder tree (one folder per class) or .tar.gz.")
 @click.option("--split", default="test", show_default=True, help="Subfolder of --data to use when present.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate a seeded subset of N images.")
-@click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True)
+@click.option("--threads", type=THREADS, default=DEFAULT_THREADS, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--calib-recipe", default=None, metavar="NAME",
               help="Preprocessing recipe (default: the artifact's stored one, else the model's default).")

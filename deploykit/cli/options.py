@@ -14,6 +14,21 @@ from deploykit.build import DEFAULT_VERIFY_SAMPLES  # noqa: F401
 DEFAULT_ANALYZE_SAMPLES = 512  # held-out samples `deploykit analyze` measures every figure on
 
 
+class Threads(click.ParamType):
+    """A thread count: an integer >= 1, capped at the CPUs this process may use (with a warning)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        count = click.IntRange(min=1).convert(value, param, ctx)
+        from deploykit.device import bound_threads
+
+        return bound_threads(count, what=f"--{param.name}" if param is not None and param.name else "--threads")
+
+
+THREADS = Threads()
+
+
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--num-classes, --cifar, --input-size: how to build a zoo MODEL."""
     func = click.option("--input-size", type=click.IntRange(8, 4096), default=None, help="Input height/width (default: the model's).")(func)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from deploykit.cli.options import THREADS
+
 
 def _labels(value: str | None) -> list[str] | None:
     """--labels: a text file (one per line), a data folder/.tar.gz (its class folders), or a,b,c."""
@@ -34,7 +36,7 @@ def _labels(value: str | None) -> list[str] | None:
 @click.option("--golden", "golden_count", type=click.IntRange(min=1), default=8, show_default=True,
               help="Golden self-test inputs (seeded).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the golden inputs.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default: the build's).")
+@click.option("--threads", type=THREADS, default=None, help="Runtime threads (default: the build's).")
 @click.option("--latency", "measure_latency", is_flag=True,
               help="Measure latency here and record it as the bundle's band (package on the device class itself).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle file.")
@@ -66,7 +68,7 @@ def package(artifact: Path, out: Path, labels: str | None, golden_count: int, se
 @click.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--latency", is_flag=True, help="Also measure latency against the band recorded in the bundle.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default: the bundle's).")
+@click.option("--threads", type=THREADS, default=None, help="Runtime threads (default: the bundle's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify(bundle: Path, latency: bool, threads: int | None, as_json: bool) -> None:
     """Check a BUNDLE (.tar.gz or extracted directory): checksums, schema, runtime version, golden outputs.
@@ -103,7 +105,7 @@ def verify(bundle: Path, latency: bool, threads: int | None, as_json: bool) -> N
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default: the bundle's).")
+@click.option("--threads", type=THREADS, default=None, help="Runtime threads (default: the bundle's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 def run(bundle: Path, images: tuple[Path, ...], topk: int, threads: int | None, as_json: bool) -> None:
     """Classify IMAGES with a BUNDLE's model, preprocessing and labels; print the top-k.

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from deploykit.cli.options import DEFAULT_ANALYZE_SAMPLES, DEFAULT_THREADS
+from deploykit.cli.options import DEFAULT_ANALYZE_SAMPLES, DEFAULT_THREADS, THREADS
 
 
 def _progress_ui(console: Any) -> Any:
@@ -65,7 +65,7 @@ def _progress_ui(console: Any) -> Any:
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True)
+@click.option("--threads", type=THREADS, default=DEFAULT_THREADS, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda on a GPU machine.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on a seeded subset of N images.")
 @click.option("--val-limit", type=click.IntRange(min=1), default=None, help="Validate on a seeded subset of N images.")
@@ -198,7 +198,7 @@ def analyze(subject: str, calib: str | None, calib_recipe: str | None, calib_sam
     from deploykit.quant.analyze import analyze as run_analysis
     from deploykit.quant.subject import open_subject
 
-    check_writable(out, force=force)
+    check_writable(out, force=force, kind="dir")
     console = Console(stderr=True)
     with console.status("loading and fusing the model"):
         target = open_subject(subject, num_classes=num_classes, cifar=cifar)

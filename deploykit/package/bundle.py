@@ -11,7 +11,6 @@ import logging
 import re
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from deploykit import __version__
 from deploykit.artifact import BUILD_JSON, Artifact, ArtifactRecord
 from deploykit.backends.base import DEFAULT_THREADS, Backend, get_backend, packageable
 from deploykit.errors import DeployError, MissingBackendError, UsageError
-from deploykit.files import atomic_file, sha256_file, sha256_tree
+from deploykit.files import atomic_file, sha256_file, sha256_tree, temp_dir
 from deploykit.package.manifest import (
     GOLDEN, MANIFEST, MODEL_DIR, README, RUNNER, SCHEMA_VERSION, SELF_TEST_TOLERANCES, Golden, LatencyBand, Manifest,
     Runtime,
@@ -184,7 +183,7 @@ def package_artifact(artifact_dir: str | Path, out_tar_gz: str | Path, *, force:
     one = inputs[: batch if isinstance(batch, int) else 1]
     latency = _latency_band(record, backend, runner, one, threads, measure_latency)
 
-    with tempfile.TemporaryDirectory(prefix="deploykit-package-") as work:
+    with temp_dir("package") as work:
         stage = Path(work) / name
         (stage / MODEL_DIR).mkdir(parents=True)
         for rel in [*record.files, BUILD_JSON]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.errors import DeployError, UsageError
+from deploykit.errors import DeployError, UsageError, one_line
 from deploykit.package.manifest import read_manifest
 from deploykit.package.verify import check_files, load_bundle_model, open_bundle
 
@@ -40,8 +40,8 @@ def _load_images(paths: list[Path], preprocessing: Any) -> np.ndarray:
         try:
             with Image.open(path) as image:
                 rows.append(preprocessing.apply(image, name=str(path)))
-        except (OSError, UnidentifiedImageError) as err:
-            raise DeployError(f"cannot read image {path}: {err}") from err
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+            raise DeployError(f"cannot read image {path}: {one_line(err)}") from err
     return np.stack(rows)
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deploykit.errors import DeployError, QualityGateError
-from deploykit.files import sha256_file
+from deploykit.files import sha256_file, temp_dir
 from deploykit.package.extract import extract_bundle
 from deploykit.package.manifest import MANIFEST, MODEL_DIR, Manifest, check_runtime, read_manifest
 
@@ -49,7 +48,7 @@ def open_bundle(path: str | Path) -> Iterator[Path]:
         return
     if not path.exists():
         raise DeployError(f"{path} does not exist")
-    with tempfile.TemporaryDirectory(prefix="deploykit-bundle-") as tmp:
+    with temp_dir("bundle") as tmp:
         yield extract_bundle(path, Path(tmp) / "bundle")
 
 
@@ -81,6 +80,9 @@ def check_files(root: Path, manifest: Manifest) -> int:
 def load_bundle_model(root: Path, manifest: Manifest, threads: int) -> tuple[Any, str, list[str]]:
     """(runner, installed runtime version, version warnings) through deploykit's backend."""
     from deploykit.backends.base import Artifact, get_backend
+    from deploykit.device import bound_threads
+
+    threads = bound_threads(threads)  # the manifest's count comes from the packaging machine
 
     backend = get_backend(manifest.backend)
     installed = backend.version()

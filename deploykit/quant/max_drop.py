@@ -17,7 +17,6 @@ reported as a skipped step with the reason.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploykit.errors import DeployError, QualityGateError
+from deploykit.files import temp_dir
 
 if TYPE_CHECKING:
     from deploykit.backends.base import MaxDropKnobs as Knobs
@@ -219,7 +219,7 @@ def fix_quantization(
     fp32 = _fp32_top1(model, validation_inputs, labels)
     steps: list[StepResult] = []
 
-    with tempfile.TemporaryDirectory(prefix="deploykit-maxdrop-") as tmp:
+    with temp_dir("maxdrop") as tmp:
         trial = _Trial(model, target, calibration, np.asarray(validation_inputs, np.float32), labels, threads,
                        Path(tmp), size)
         best: Recipe = Recipe(options=resolve_options(backend, target.options, base_options or {}, "int8"))

@@ -26,7 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# Runtime telemetry off before any runtime is imported (deploykit.privacy: what each one writes).
+for _key in ("ORT_DISABLE_TELEMETRY", "NNCF_CI"):
+    if not os.environ.get(_key):
+        os.environ[_key] = "1"
+# OpenVINO initializes openvino-telemetry on import (a client id in ~/intel); without the
+# package it uses a do-nothing stub. A None entry makes that import fail in this process.
+sys.modules.setdefault("openvino_telemetry", None)
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
@@ -291,7 +299,7 @@ def preprocess(path: Path, spec: dict) -> np.ndarray:
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise RunnerError(f"cannot read image {path}: {err}") from err
     size, resize = spec["size"], spec.get("resize")
     if resize is not None:
@@ -409,6 +417,18 @@ def classify(root: Path, manifest: dict, images: list[str], topk: int, threads: 
             for p, row in zip(images, probs)]
 
 
+def bound_threads(requested: int) -> int:
+    """At most the CPUs this process may run on (more only oversubscribes them)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested < 1:
+        raise RunnerError(f"--threads {requested}: must be at least 1")
+    if requested > usable:
+        print(f"warning: --threads {requested} is more than the {usable} CPUs this process may use; using {usable}",
+              file=sys.stderr)
+        return usable
+    return requested
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -424,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = load_manifest(args.bundle)
-        threads = args.threads or manifest["threads"]
+        threads = bound_threads(args.threads or manifest["threads"])
         if args.info:
             keys = ("name", "model", "target", "backend", "precision", "inputs", "outputs", "labels", "runtime")
             print(json.dumps({k: manifest.get(k) for k in keys}, indent=2))
