@@ -3,6 +3,7 @@ process (tests/ray_cluster.py). One sweep (a tiny model, two targets, two batch 
 rounds) runs while the second device is killed, then again after it comes back."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,17 +16,19 @@ from deploykit.bench import results
 from deploykit.bench.spec import configurations, config_id, make_sweep
 from deploykit.errors import DeployError
 
-ray = pytest.importorskip("ray", reason="fleet sweeps need Ray: pip install 'deploykit[fleet]'")
+from deploykit.bench import fleet
+from ray_cluster import REPO, new_cluster, ray_env
+from test_bench_sweep import FAST, TINY_SOURCE
 
-from deploykit.bench import fleet  # noqa: E402
-from ray_cluster import REPO, new_cluster, ray_env  # noqa: E402
-from test_bench_sweep import FAST, TINY_SOURCE  # noqa: E402
+HAVE_RAY = importlib.util.find_spec("ray") is not None
 
 DEVICES = ["alpha", "beta"]
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    if not HAVE_RAY:
+        pytest.skip("fleet sweeps need Ray: pip install 'deploykit[fleet]'")
     c = new_cluster()
     try:
         c.start_head()
@@ -142,6 +145,7 @@ def test_merged_report_groups_rows_by_device(first_run, tmp_path):
     text = written.markdown.read_text()
     assert written.devices == 2
     assert "alpha: " in text and "beta: " in text
+    assert "have the same hardware fingerprint" in text  # one machine here: the report says so
 
 
 def test_devices_selects_by_label_and_unknown_labels_are_named(cluster):
@@ -165,3 +169,13 @@ def test_without_ray_fleet_says_how_to_install(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(DeployError, match=r"pip install 'deploykit\[fleet\]'"):
         fleet.connect("127.0.0.1:1")
+
+
+def test_devices_without_fleet_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from deploykit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model", "no_such_model", "--results", str(tmp_path / "r.jsonl"), "--devices", "alpha"])
+    assert exit_info.value.code == 2
+    assert "--devices and --node-cache-dir apply to fleet sweeps: add --fleet ADDRESS" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
