@@ -1,11 +1,13 @@
 """Fleet sweeps on a real Ray cluster of this machine: a head and two device nodes, each its own
 process (tests/ray_cluster.py). One sweep (a tiny model, two targets, two batch sizes, two
-rounds) runs while the second device is killed, then again after it comes back."""
+rounds) runs while the second device is killed, then again after it comes back. The cluster
+and every process that talks to it (this one included) live in a private network namespace
+with only loopback; where it cannot be made the cluster tests skip."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,19 +19,34 @@ from deploykit.bench.spec import configurations, config_id, make_sweep
 from deploykit.errors import DeployError
 
 from deploykit.bench import fleet
-from ray_cluster import REPO, new_cluster, ray_env
+from ray_cluster import REPO, NamespaceUnavailable, NetNamespace, listening_ports, new_cluster
 from test_bench_sweep import FAST, TINY_SOURCE
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 
 DEVICES = ["alpha", "beta"]
+LOOPBACK_OR_ANY = {"127.0.0.1", "::ffff:127.0.0.1", "::1", "0.0.0.0", "::"}
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def netns():
+    """This thread (the Ray driver), the nodes and the client processes: in one private namespace."""
     if not HAVE_RAY:
         pytest.skip("fleet sweeps need Ray: pip install 'deploykit[fleet]'")
-    c = new_cluster()
+    try:
+        ns = NetNamespace()
+    except NamespaceUnavailable as err:
+        pytest.skip(f"{err}: the Ray cluster runs only on a private loopback network")
+    try:
+        with ns.entered():
+            yield ns
+    finally:
+        ns.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(netns):
+    c = new_cluster(netns)
     try:
         c.start_head()
         c.wait_for_head()
@@ -148,6 +165,34 @@ def test_merged_report_groups_rows_by_device(first_run, tmp_path):
     assert "have the same hardware fingerprint" in text  # one machine here: the report says so
 
 
+def _group_pids(leaders: list[int]) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) in leaders:
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_the_cluster_talks_only_on_loopback_in_its_own_namespace(first_run, cluster, netns):
+    import ray
+
+    pids = _group_pids([p.pid for p in cluster.processes.values()])  # nodes, raylets, agents, workers
+    assert len(pids) > 2 * len(cluster.processes)
+    assert {os.stat(f"/proc/{pid}/ns/net").st_ino for pid in pids} == {netns.inode}
+    assert os.stat("/proc/thread-self/ns/net").st_ino == netns.inode  # the driver too
+    assert netns.inside(lambda: [line.split(":")[0].strip() for line in Path("/proc/thread-self/net/dev")
+                                 .read_text().splitlines()[2:]]) == ["lo"]
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    inside = netns.inside(listening_ports)
+    assert cluster.port in {port for _, port in inside}
+    assert {address for address, _ in inside} <= LOOPBACK_OR_ANY  # "any" in a namespace with only lo
+    assert cluster.port not in {port for _, port in netns.on_host(listening_ports)}
+
+
 def test_devices_selects_by_label_and_unknown_labels_are_named(cluster):
     assert [n.label for n in fleet.fleet_nodes(["beta"])] == ["beta"]
     with pytest.raises(DeployError, match="no device host labelled gamma; the fleet has: alpha"):
@@ -155,9 +200,8 @@ def test_devices_selects_by_label_and_unknown_labels_are_named(cluster):
 
 
 def test_fleet_status_through_ray_client(cluster):
-    out = subprocess.run([sys.executable, "-m", "deploykit", "fleet", "status", "--fleet", cluster.client_address,
-                          "--devices", "alpha", "--json"], capture_output=True, text=True, env=ray_env(), cwd=REPO,
-                         timeout=240)
+    out = cluster.run([sys.executable, "-m", "deploykit", "fleet", "status", "--fleet", cluster.client_address,
+                       "--devices", "alpha", "--json"], cwd=REPO, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     facts = json.loads(out.stdout)
     assert list(facts) == ["alpha"]
