@@ -140,6 +140,54 @@ def test_a_killed_device_leaves_failure_rows_naming_it(first_run):
     assert any(r["status"] == "ok" for r in beta)  # what it measured before it died is kept
 
 
+def test_a_host_that_does_not_answer_the_probe_is_dropped_not_fatal(first_run, spec, tmp_path):
+    path, _, nodes = first_run
+    copy = tmp_path / "fleet.jsonl"
+    copy.write_bytes(path.read_bytes())
+    before = results.read_rows(copy)
+    # beta's first node died in first_run: the probe cannot reach it; alpha has measured everything
+    outcome = fleet.run_fleet_sweep(spec, copy, [nodes["alpha"], nodes["beta"]],
+                                    node_cache_dir=str(Path(fleet.__file__).parent / "no-such-cache"))
+    assert outcome.devices["alpha"].measured == 0 and outcome.devices["alpha"].already_done == 4
+    rows = results.read_rows(copy)[len(before):]
+    missing = {r["config_id"] for r in before if r.get("dropped_out")}
+    assert {r["config_id"] for r in rows} == missing and outcome.devices["beta"].dropped_out == len(missing)
+    assert all(r["dropped_out"] and r["status"] == "failed" and "device beta" in r["reason"]
+               and "did not answer the start-up probe" in r["reason"] for r in rows), rows[0]["reason"]
+    assert {r["device"]["id"] for r in rows} == {r["device"]["id"] for r in before if r["device"]["label"] == "beta"}
+
+
+def test_calibration_data_travels_from_the_workstation(cluster, tmp_path_factory):
+    """An int8 sweep calibrated from a file only the workstation reads: it is sent once, and the
+    host builds from its own copy (the file is gone before the host builds)."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("workstation-only")
+    (folder / "tiny.py").write_text(TINY_SOURCE)
+    calib = folder / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((24, 3, 16, 16)).astype(np.float32))
+    sent = calib.read_bytes()
+    node_cache = cluster.root / "calib-node-cache"
+    spec = make_sweep(name="fleet-calib", models=[{"name": f"{folder / 'tiny.py'}:tiny", "label": "tiny"}],
+                      targets=["onnxruntime"], precisions=["int8"], calib=str(calib), calib_samples=16,
+                      cache_dir=str(folder / "cache"), **FAST)
+
+    def on_event(label: str, kind: str, payload: dict) -> None:
+        if kind in ("progress", "row") and calib.exists():  # sent by now: the host must not need it
+            calib.unlink()
+
+    outcome = fleet.run_fleet_sweep(spec, folder / "r.jsonl", fleet.fleet_nodes(["alpha"]),
+                                    node_cache_dir=str(node_cache), on_event=on_event)
+    assert not calib.exists()
+    [row] = outcome.rows
+    assert row["status"] == "ok", row.get("reason")
+    assert row["config_id"] == config_id(configurations(spec)[0], spec)  # the id names the user's path
+    [copy] = (node_cache / "calib").iterdir()
+    assert copy.read_bytes() == sent
+    build_json = "\n".join(p.read_text() for p in node_cache.rglob("build.json"))
+    assert str(copy) in build_json and str(calib) not in build_json
+
+
 def test_rerun_measures_only_what_is_missing(first_run, cluster, spec):
     path, first, _ = first_run
     before = results.read_rows(path)

@@ -1,7 +1,9 @@
 """Fleet sweeps: one sweep measured on many device hosts through Ray, into one results file.
 
 The workstation (the Ray driver) exports each model to ONNX once and puts it in Ray's object
-store. On every selected host a Ray task per group of configurations runs the local sweep's
+store, and the sweep's calibration data (a file or folder: hosts need not have it) once per
+sweep; a host writes what it gets into its node cache. A host that does not answer the start-up
+probe leaves failure rows naming it; the others measure. On every selected host a Ray task per group of configurations runs the local sweep's
 own code (``deploykit.bench.sweep.measure_group``: build on the host, warm-up, interleaved
 rounds, statistics). Each task holds the host's ``deploykit-bench`` resource (1 per host), so
 one measurement at a time runs there, whoever started it. Rows stream back as the task yields
@@ -154,6 +156,18 @@ def _unpack(shipped: dict[str, Any], cache_dir: Path) -> None:
             tmp.write_text(json.dumps(item["facts"], indent=2) + "\n")
 
 
+def _unpack_calib(item: dict[str, Any], cache_dir: Path) -> str:
+    """Write the calibration data sent by the workstation into the node cache (once); its path."""
+    from deploykit.files import atomic_file
+
+    path = cache_dir / "calib" / f"{item['sha256'][:16]}-{item['name']}"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, force=True) as tmp:
+            tmp.write_bytes(item["data"])
+    return str(path)
+
+
 def measure_on_node(spec_json: str, ids: list[str], shipped: dict[str, Any], job: dict[str, Any]) -> Iterator[dict]:
     """On a host (a Ray generator task): measure one group with the local sweep's code,
     yielding progress events and rows as they happen."""
@@ -166,6 +180,14 @@ def measure_on_node(spec_json: str, ids: list[str], shipped: dict[str, Any], job
     cache_dir = job["cache_dir"] or str(Path(tempfile.gettempdir()) / "deploykit-fleet-cache")
     spec = spec.model_copy(update={"cache_dir": cache_dir})
     _unpack(dict(zip(shipped, ray.get(list(shipped.values())))), Path(cache_dir))
+    prepare = None
+    if job.get("calib") is not None:  # the sweep's calibration data, sent once; ids keep the user's path
+        build_spec = spec.model_copy(update={"calib": _unpack_calib(ray.get(job["calib"]), Path(cache_dir))})
+
+        def prepare(config: Config, _spec: SweepSpec) -> Any:
+            from deploykit.bench.prepare import check_runnable, prepare as prepare_config
+
+            return prepare_config(config, build_spec, check_runnable(config))
     wanted = set(ids)
     group = [c for c in configurations(spec) if config_id(c, spec) in wanted]
     where = {"label": job["label"], "node_id": ray.get_runtime_context().get_node_id(),
@@ -180,7 +202,7 @@ def measure_on_node(spec_json: str, ids: list[str], shipped: dict[str, Any], job
     def work() -> None:
         try:
             measure_group(spec, group, write_row=write_row, device=fleet_device(device_fingerprint(), job["label"]),
-                          command=job["command"],
+                          command=job["command"], prepare=prepare,
                           on_progress=lambda done, total, what: events.put(
                               {"kind": "progress", "done": done, "what": what}))
         except BaseException as err:  # reported to the driver, which writes failure rows
@@ -219,19 +241,39 @@ def _on(node: FleetNode) -> Any:
     return NodeAffinitySchedulingStrategy(node_id=node.node_id, soft=False)
 
 
-def describe_nodes(nodes: Sequence[FleetNode], *, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, dict[str, Any]]:
-    """``node_facts`` from every host (label -> facts); a host that does not answer is an error."""
+def probe_nodes(nodes: Sequence[FleetNode], *, timeout_s: float = PROBE_TIMEOUT_S
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``node_facts`` from every host: (label -> facts, label -> why it did not answer)."""
     ray = _ray()
     probe = ray.remote(num_cpus=0, max_retries=0)(node_facts)
     refs = {n.label: probe.options(scheduling_strategy=_on(n)).remote(n.label) for n in nodes}
-    facts = {}
+    facts: dict[str, dict[str, Any]] = {}
+    silent: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
     for label, ref in refs.items():
         try:
-            facts[label] = ray.get(ref, timeout=timeout_s)
+            facts[label] = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise DeployError(f"device host {label} did not answer: {first} (is deploykit installed there?)") from err
+            silent[label] = f"it did not answer the start-up probe: {type(err).__name__}: {first}"
+    return facts, silent
+
+
+def describe_nodes(nodes: Sequence[FleetNode], *, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, dict[str, Any]]:
+    """``node_facts`` from every host (label -> facts); a host that does not answer is an error."""
+    facts, silent = probe_nodes(nodes, timeout_s=timeout_s)
+    for label, reason in silent.items():
+        raise DeployError(f"device host {label}: {reason} (is deploykit installed there?)")
     return facts
+
+
+def _unanswered_device(label: str, old: list[dict[str, Any]]) -> dict[str, Any]:
+    """The device record of a host that did not answer: from earlier rows of that label, else a stub."""
+    for row in reversed(old):
+        if row["device"].get("label") == label and not row.get("dropped_out"):
+            return row["device"]
+    digest = hashlib.sha256(f"unanswered/{label}".encode()).hexdigest()[:12]
+    return {"id": digest, "hardware_id": None, "label": label, "cpu": "unknown (the host did not answer)"}
 
 
 def _done_ids(rows: list[dict[str, Any]], device_id: str, retry_failed: bool) -> set[str]:
@@ -262,6 +304,27 @@ def _ship(spec: SweepSpec, configs: Sequence[Config]) -> dict[str, Any]:
             continue
         refs[stem] = ray.put({"onnx": onnx_path.read_bytes(), "facts": facts})
     return refs
+
+
+def _ship_calib(spec: SweepSpec, configs: Sequence[Config]) -> Any:
+    """The sweep's calibration data (a file or folder on the workstation), read once and put in
+    the object store once; None when no configuration calibrates or ``calib`` names a recipe."""
+    import io
+    import tarfile
+
+    if not spec.calib or not any(c.precision == "int8" for c in configs):
+        return None
+    source = Path(spec.calib).expanduser()
+    if source.is_file():
+        name, data = source.name, source.read_bytes()
+    elif source.is_dir():  # a folder travels as one tar (a calibration source of its own)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.add(source, arcname=source.name)
+        name, data = f"{source.name}.tar", buffer.getvalue()
+    else:
+        return None  # a recipe name: each host resolves it as a local sweep does
+    return _ray().put({"name": name, "data": data, "sha256": hashlib.sha256(data).hexdigest()})
 
 
 def _dropped_row(spec: SweepSpec, config: Config, tally: DeviceTally, reason: str, run: str) -> dict[str, Any]:
@@ -298,27 +361,40 @@ def run_fleet_sweep(
     notify = on_event or (lambda label, kind, payload: None)
     results_path = Path(results_path)
     old = results.read_rows(results_path) if results_path.exists() else []
-    facts = describe_nodes(nodes)
+    facts, silent = probe_nodes(nodes)
     outcome = FleetOutcome()
     todo = configurations(spec)
     pending: dict[str, list[Config]] = {}
+    run = uuid.uuid4().hex[:12]
     for node in nodes:
-        tally = outcome.devices[node.label] = DeviceTally(node, facts[node.label]["device"])
+        device = facts[node.label]["device"] if node.label in facts else _unanswered_device(node.label, old)
+        tally = outcome.devices[node.label] = DeviceTally(node, device)
         done = _done_ids(old, tally.device["id"], retry_failed)
-        pending[node.label] = [c for c in todo if config_id(c, spec) not in done]
-        tally.already_done = len(todo) - len(pending[node.label])
-        notify(node.label, "plan", {"total": len(pending[node.label]) * (1 + spec.rounds)})
-    shipped = _ship(spec, [c for c in todo if any(c in cs for cs in pending.values())])
+        share = [c for c in todo if config_id(c, spec) not in done]
+        tally.already_done = len(todo) - len(share)
+        if node.label in silent:  # dropped out before the sweep: its share is failure rows naming it
+            for config in share:
+                row = _dropped_row(spec, config, tally, silent[node.label], run)
+                results.append_row(results_path, row)
+                outcome.rows.append(row)
+                tally.dropped_out += 1
+            notify(node.label, "lost", {"reason": silent[node.label]})
+            continue
+        pending[node.label] = share
+        notify(node.label, "plan", {"total": len(share) * (1 + spec.rounds)})
+    nodes = [n for n in nodes if n.label in pending]
+    wanted = [c for c in todo if any(c in cs for cs in pending.values())]
+    shipped = _ship(spec, wanted)
+    calib = _ship_calib(spec, wanted)
     from deploykit.bench.prepare import onnx_stem
 
-    run = uuid.uuid4().hex[:12]
     task = ray.remote(num_cpus=0, resources={RESOURCE: 1}, max_retries=0)(measure_on_node)
     spec_json = spec.model_dump_json()
     events: queue.Queue[tuple[str, int, dict[str, Any] | None]] = queue.Queue()
     groups: dict[int, tuple[FleetNode, list[Config]]] = {}
     threads = []
     for node in nodes:
-        job = {"label": node.label, "cache_dir": node_cache_dir, "command": command, "run": run}
+        job = {"label": node.label, "cache_dir": node_cache_dir, "command": command, "run": run, "calib": calib}
         for _, group_iter in itertools.groupby(pending[node.label], key=lambda c: c.group):
             group = list(group_iter)
             refs = {s: shipped[s] for s in {onnx_stem(c, spec) for c in group} if s in shipped}
