@@ -159,7 +159,8 @@ def test_a_host_that_does_not_answer_the_probe_is_dropped_not_fatal(first_run, s
 
 def test_calibration_data_travels_from_the_workstation(cluster, tmp_path_factory):
     """An int8 sweep calibrated from a file only the workstation reads: it is sent once, and the
-    host builds from its own copy (the file is gone before the host builds)."""
+    host builds from its own copy (the file is deleted as soon as the host starts; its build
+    records the node cache's copy, never the workstation's path)."""
     import numpy as np
 
     folder = tmp_path_factory.mktemp("workstation-only")
