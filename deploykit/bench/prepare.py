@@ -201,14 +201,18 @@ def _build_from_module(config: Config, backend: Any, model: Any, onnx_path: Path
         )
 
 
+def onnx_stem(config: Config, spec: SweepSpec) -> str:
+    """Where ``exported_onnx`` keeps the model, relative to the cache directory (no suffix)."""
+    return f"onnx/{_safe(config.model.label)}-{config.form}-b{config.batch}-{_hash(_model_identity(config, spec))}"
+
+
 def exported_onnx(config: Config, spec: SweepSpec) -> tuple[Path, dict[str, Any]]:
     """The model of ``config`` exported to ONNX, shared by every target (fusing and exporting
     a model once per sweep, not once per target); with its facts (params, MACs, input size)."""
     from deploykit.export import export_onnx
     from deploykit.files import atomic_file
 
-    stem = Path(spec.cache_dir) / "onnx" / (f"{_safe(config.model.label)}-{config.form}-b{config.batch}-"
-                                            f"{_hash(_model_identity(config, spec))}")
+    stem = Path(spec.cache_dir) / onnx_stem(config, spec)
     onnx_path, facts_path = stem.with_suffix(".onnx"), stem.with_suffix(".json")
     if onnx_path.is_file() and facts_path.is_file():
         return onnx_path, json.loads(facts_path.read_text())

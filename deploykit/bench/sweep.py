@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # on_progress(done, total, what): work units are one build/load and one round per configuration.
 Progress = Callable[[int, int, str], None]
 Prepare = Callable[[Config, SweepSpec], Any]
+RowSink = Callable[[dict[str, Any]], None]  # receives each finished row (default: append to the file)
 
 
 @dataclass(eq=False)  # hashed by identity: a key of the interleaved rounds
@@ -61,15 +62,18 @@ def _default_prepare(config: Config, spec: SweepSpec) -> Any:
 
 
 class _Sweep:
-    def __init__(self, spec: SweepSpec, path: Path, *, command: str | None, prepare: Prepare,
-                 on_progress: Progress | None) -> None:
+    def __init__(self, spec: SweepSpec, path: Path | None, *, command: str | None, prepare: Prepare,
+                 on_progress: Progress | None, device: dict[str, Any] | None = None,
+                 write_row: RowSink | None = None) -> None:
         from deploykit.device import device_fingerprint, tool_versions
 
-        self.spec, self.path, self.prepare = spec, Path(path), prepare
+        self.spec, self.prepare = spec, prepare
+        self.path = Path(path) if path is not None else None
+        self.write_row = write_row or (lambda row: results.append_row(self.path, row))
         self.on_progress = on_progress or (lambda done, total, what: None)
         self.done_units = 0
         self.total_units = 0
-        self.device = device_fingerprint()
+        self.device = device or device_fingerprint()
         self.context = {
             "versions": tool_versions(),
             "sweep": {"name": spec.name, "description": spec.description, "command": command,
@@ -95,7 +99,7 @@ class _Sweep:
             "finished_at": _now(),
             **extra,
         }
-        results.append_row(self.path, row)
+        self.write_row(row)
         self.outcome.rows.append(row)
         return row
 
@@ -242,3 +246,26 @@ def run_sweep(
     """
     sweep = _Sweep(spec, results_path, command=command, prepare=prepare or _default_prepare, on_progress=on_progress)
     return sweep.run(retry_failed)
+
+
+def measure_group(
+    spec: SweepSpec,
+    group: list[Config],
+    *,
+    write_row: RowSink,
+    device: dict[str, Any] | None = None,
+    command: str | None = None,
+    on_progress: Progress | None = None,
+    prepare: Prepare | None = None,
+) -> SweepOutcome:
+    """Measure one group of configurations exactly as ``run_sweep`` does, handing each row to
+    ``write_row`` instead of a file: what a fleet node runs (``deploykit.bench.fleet``).
+
+    ``device`` replaces this machine's fingerprint in the rows (a fleet node adds its label).
+    """
+    sweep = _Sweep(spec, None, command=command, prepare=prepare or _default_prepare, on_progress=on_progress,
+                   device=device, write_row=write_row)
+    sweep.total_units = len(group) * (1 + spec.rounds)
+    sweep.on_progress(0, sweep.total_units, "starting")
+    sweep.run_group(group)
+    return sweep.outcome

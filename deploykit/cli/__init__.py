@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "targets": "deploykit.cli.build:targets",
     "bench": "deploykit.cli.bench:bench",
     "report": "deploykit.cli.bench:report",
+    "fleet": "deploykit.cli.fleet:fleet",
     "doctor": "deploykit.cli.doctor:doctor",
     "train": "deploykit.cli.train:train",
     "analyze": "deploykit.cli.train:analyze",

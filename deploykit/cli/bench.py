@@ -39,8 +39,12 @@ def _invocation() -> str:
 @click.option("--cache-dir", default=None, help="Where built artifacts are kept and reused (default build/bench-cache).")
 @click.option("--retry-failed", is_flag=True, help="Measure again configurations whose earlier row failed or was skipped.")
 @click.option("--name", default=None, help="Sweep name recorded in the rows.")
+@click.option("--fleet", default=None, help="Measure on the device hosts of this Ray cluster (HOST:6379 or ray://HOST:10001).")
+@click.option("--devices", default=None, help="With --fleet: comma-separated device labels (default: every device host).")
+@click.option("--node-cache-dir", default=None, help="With --fleet: where hosts keep built artifacts (default: their temp dir).")
 def bench(sweep_file: Path | None, results: Path, artifacts: tuple[Path, ...], options: tuple[str, ...],
-          retry_failed: bool, **flags: Any) -> None:
+          retry_failed: bool, fleet: str | None, devices: str | None, node_cache_dir: str | None,
+          **flags: Any) -> None:
     """Measure latency over models x targets x precisions x batch sizes x threads.
 
     Rows are appended to RESULTS as each group of configurations finishes; a configuration
@@ -53,6 +57,8 @@ def bench(sweep_file: Path | None, results: Path, artifacts: tuple[Path, ...], o
       deploykit bench --model repvgg_a0 --form train --form deploy --target onnxruntime \\
           --threads 2 --results results/repvgg.jsonl
       deploykit bench --artifact build/a-fp32 --artifact build/a-int8 --threads 2 --results latency.json
+      deploykit bench --sweep sweeps/convnext-fc-vs-conv.yaml --results results/fleet.jsonl \\
+          --fleet ray://head:10001 --devices nuc-i7,jetson-orin
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -77,6 +83,14 @@ def bench(sweep_file: Path | None, results: Path, artifacts: tuple[Path, ...], o
         raise UsageError("give --sweep FILE or at least one --model")
     else:
         spec = make_sweep(origin="command line", **overrides)
+    if fleet is not None:
+        from deploykit.cli.fleet import bench_on_fleet
+
+        bench_on_fleet(spec, results, fleet=fleet, devices=devices, retry_failed=retry_failed,
+                       node_cache_dir=node_cache_dir, command=_invocation())
+        return
+    if devices is not None or node_cache_dir is not None:
+        raise UsageError("--devices and --node-cache-dir apply to fleet sweeps: add --fleet ADDRESS")
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())

@@ -53,7 +53,10 @@ class LatencyReport:
 def device_label(device: dict[str, Any]) -> str:
     gpu = device.get("gpus") or []
     name = gpu[0]["name"] if gpu else device.get("cpu") or "unknown CPU"
-    return f"{name} ({device['id'][:6]})"
+    # A fleet host's label (`ray start --labels device=NAME`) names it first: hosts with the same
+    # hardware are still different devices.
+    label = f"{device['label']}: " if device.get("label") else ""
+    return f"{label}{name} ({device['id'][:6]})"
 
 
 def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:

@@ -138,6 +138,16 @@ def _device_rows(report: LatencyReport) -> list[list[str]]:
     return rows
 
 
+def same_hardware_notes(report: LatencyReport) -> list[str]:
+    """Devices that are one machine (or identical machines): fleet hosts with one fingerprint."""
+    by_hardware: dict[str, list[str]] = {}
+    for dev in report.devices.values():
+        by_hardware.setdefault(dev.get("hardware_id") or dev["id"], []).append(device_label(dev))
+    return [f"{', '.join(sorted(names))} have the same hardware fingerprint ({hw}): nodes of one machine or "
+            "identical machines, so their differences are run-to-run noise, not hardware"
+            for hw, names in sorted(by_hardware.items()) if len(names) > 1]
+
+
 def _version_rows(report: LatencyReport) -> list[list[str]]:
     return [[device_label(report.devices[d]), ", ".join(f"{k} {v}" for k, v in sorted(vs.items()))]
             for d, vs in report.versions.items()]
@@ -159,6 +169,8 @@ def to_markdown(report: LatencyReport, *, title: str, plots: list[str], report_c
     if plots:
         parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     parts += ["", "## Devices", "", _md_table(DEVICE_COLUMNS, _device_rows(report))]
+    if same := same_hardware_notes(report):
+        parts += [""] + [f"- {n}" for n in same]
     parts += ["", "## Versions", "", _md_table(("device", "versions"), _version_rows(report))]
     parts += ["", "## Method", "", METHOD]
     if any(r.get("memory") for r in report.measured):
