@@ -34,3 +34,11 @@ class QualityGateError(DeployError):
 
 class FusionError(QualityGateError):
     """A re-parameterized model does not compute the same function as the original."""
+
+
+class PartialFusionError(QualityGateError):
+    """The fusion is exact but left BatchNorm or parallel branches the engine could not fold."""
+
+    def __init__(self, message: str, certificate: object = None) -> None:
+        super().__init__(message)
+        self.certificate = certificate
