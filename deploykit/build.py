@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from warnings import catch_warnings, simplefilter, warn_explicit
 
 from deploykit import __version__
 from deploykit.backends.base import (
@@ -62,6 +63,8 @@ class BuildRequest:
     verify_samples: int = DEFAULT_VERIFY_SAMPLES
     seed: int | None = None
     max_drop: float | None = None  # int8: largest top-1 drop in points (1.0 = one point)
+    weights: str | None = None  # checkpoint that fills the model (or "pretrained" for timm/torchvision)
+    accept_partial: bool = False  # accept a fusion that left BatchNorm / branches unfolded
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,16 @@ def _from_onnx(path: Path, threads: int) -> _Source:
 
     _check_onnx(path)
     io = onnx_io(path)
-    shape = io["inputs"][0]["shape"]
-    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or shape[2] != shape[3]:
-        raise DeployError(f"{path}: input shape {shape} is not (N, C, S, S) with a fixed square size")
+    first = io["inputs"][0]
+    shape = first["shape"]
+    image = (len(io["inputs"]) == 1 and first["dtype"].startswith("float") and len(shape) == 4
+             and all(isinstance(d, int) for d in shape[1:]) and shape[1] == 3 and shape[2] == shape[3])
+    if not image:
+        given = ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in io["inputs"])
+        raise DeployError(
+            f"{path} takes {given}; deploykit builds image models: one float input (N, 3, S, S) "
+            "with a fixed square size S (any name, fixed or dynamic batch)"
+        )
     return _Source(
         onnx_path=path, input_size=shape[3],
         reference=lambda: OnnxRuntimeRunner(path, threads=threads),
@@ -140,14 +150,14 @@ def _from_torch(request: BuildRequest, work: Path, threads: int, step: Callable[
     from deploykit.loading import check_input, load_model
 
     step("loading the model")
-    loaded = load_model(request.model, num_classes=request.num_classes, cifar=request.cifar)
+    loaded = load_model(request.model, num_classes=request.num_classes, cifar=request.cifar, weights=request.weights)
     check_input(loaded)
     size = loaded.input_size
     fusion = None
     fused = loaded.model
     if loaded.form != "deploy":
         step("fusing (re-parameterizing)")
-        result = reparameterize(loaded.model, input_shape=(2, 3, size, size))
+        result = reparameterize(loaded.model, input_shape=(2, 3, size, size), accept_partial=request.accept_partial)
         fused, fusion = result.model, result.certificate.to_dict() if result.certificate is not None else None
     step("exporting to ONNX")
     onnx_path = work / "model.onnx"
@@ -167,15 +177,23 @@ def _calibration(request: BuildRequest, precision: str, input_size: int, recipe:
                  warnings: list[str]) -> Any:
     from deploykit.calib import MIN_RECOMMENDED_SAMPLES, load_calibration
 
+    from deploykit.calib.preprocess import UpscaleWarning
+
     needs_data = precision == "int8"
-    calib = load_calibration(
-        request.calib if (needs_data or request.calib) else None,
-        input_size=input_size,
-        num_samples=request.calib_samples if needs_data else 1,
-        num_verify=request.verify_samples,
-        seed=request.seed,
-        recipe=recipe,
-    )
+    with catch_warnings(record=True) as caught:
+        simplefilter("always", UpscaleWarning)
+        calib = load_calibration(
+            request.calib if (needs_data or request.calib) else None,
+            input_size=input_size,
+            num_samples=request.calib_samples if needs_data else 1,
+            num_verify=request.verify_samples,
+            seed=request.seed,
+            recipe=recipe,
+        )
+    warnings.extend(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UpscaleWarning)))
+    for w in caught:  # everything else as if not caught
+        if not issubclass(w.category, UpscaleWarning):
+            warn_explicit(w.message, w.category, w.filename, w.lineno)
     if needs_data and calib.synthetic:
         warnings.append(
             "INT8 calibrated on synthetic data (seeded random tensors): the artifact runs int8 kernels, "
