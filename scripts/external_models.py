@@ -148,7 +148,7 @@ def render(rows: list[dict], args: argparse.Namespace, command: str) -> str:
         lines.append(
             f"| {r['model']} | {r['bn_before']} → {r['bn_left']} ({r['timm_bn']}) | {r['convs_before']} → {r['convs_after']} "
             f"({r['timm_convs']}) | {r['blocks']} | {r['err_original']:.1e} | {r['err_timm']:.1e} | {r.get('ratio', 'not timed')} "
-            f"| {r.get('timm_ratio', 'not timed')} | {r.get('unfused_ms', float('nan')):.2f} | {r['verdict']} | {r['onnx']} "
+            f"| {r.get('timm_ratio', 'not timed')} | {format(r['unfused_ms'], '.2f') if 'unfused_ms' in r else ''} | {r['verdict']} | {r['onnx']} "
             f"| {r.get('int8', '')} |"
         )
     left = [(r["model"], item) for r in rows for item in r.get("left", [])]

@@ -187,3 +187,22 @@ def test_cli_fuse_timm_repvgg_a0_certifies_22_blocks(tmp_path: Path) -> None:
 
     loaded = load_model(str(out), input_size=64)
     assert loaded.form == "deploy" and loaded.source == "checkpoint"
+
+
+class DepthwisePlusPointwise(nn.Module):
+    """dw3x3(x) + pw1x1(x): one kernel would be a dense 3x3, slower than both branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        self.pw = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dw(x) + self.pw(x)
+
+
+def test_a_merge_that_would_be_slower_is_kept_apart_and_not_a_failure() -> None:
+    result = reparameterize(DepthwisePlusPointwise().eval(), input_shape=(2, 16, 8, 8))
+    cert = result.certificate
+    assert cert.verdict == "PASS" and cert.convs_after == 2
+    assert "on purpose" in cert.unfused[0]["reason"]

@@ -194,7 +194,7 @@ def reparameterize(
         tolerance_rel=tolerance_rel,
         blocks=blocks,
         end_to_end=e2e,
-        unfused=[{"node": u.node, "reason": u.reason} for u in plan.unfused if u.kind == "residual"],
+        unfused=[{"node": u.node, "reason": u.reason} for u in plan.unfused if u.kind in ("residual", "kept")],
         params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
         left=[Leftover(u.node, u.kind, u.reason) for u in plan.left],

@@ -140,6 +140,6 @@ class Certificate:
         if len(self.left) > 10:
             lines.append(f"left: ... and {len(self.left) - 10} more (see the JSON report)")
         if self.unfused:
-            lines.append(f"residual sums kept (not fusible): {len(self.unfused)}")
+            lines.append(f"sums kept as they are (residuals around non-linear ops, or slower merged): {len(self.unfused)}")
         lines.append(f"certificate: {self.verdict}")
         return "\n".join(lines)

@@ -44,7 +44,8 @@ class FusedBlock:
 class Unfused:
     """A structure left as it was. ``kind``: "batchnorm" and "branches" are fusible structure the
     engine could not fold (they fail the certificate's gate); "residual" is a sum around a
-    non-linear op, which no re-parameterization removes."""
+    non-linear op, which no re-parameterization removes; "kept": branches that would merge into a
+    kernel costlier than the branches together (a fused model must not be slower)."""
 
     node: str
     reason: str
@@ -59,7 +60,7 @@ class RewritePlan:
     @property
     def left(self) -> list[Unfused]:
         """Fusible structure still in the graph: BatchNorm not folded, parallel branches not merged."""
-        return [u for u in self.unfused if u.kind != "residual"]
+        return [u for u in self.unfused if u.kind not in ("residual", "kept")]
 
 
 def _constant(gm: fx.GraphModule, node: object, channels: int) -> torch.Tensor | None:
@@ -230,6 +231,13 @@ class _Planner:
         reason = kernels.merge_reason(term_a, term_b)
         if reason is not None:
             self.unfused.append(Unfused(node.name, f"parallel branches of {term_a.input.name} not merged: {reason}", "branches"))
+            return None
+        if kernels.merged_cost(term_a, term_b) > kernels.cost(term_a) + kernels.cost(term_b):
+            # e.g. depthwise 3x3 + dense 1x1 would become a dense 3x3: exact, but slower than both branches
+            self.unfused.append(Unfused(node.name, (
+                f"parallel branches of {term_a.input.name} kept apart on purpose: one kernel would cost "
+                f"{kernels.merged_cost(term_a, term_b)} multiply-adds per pixel, the branches {kernels.cost(term_a) + kernels.cost(term_b)}"
+            ), "kept"))
             return None
         for operand in (a, b):
             if self._sole_user(operand, node):

@@ -139,6 +139,19 @@ def merge_reason(a: ConvTerm, b: ConvTerm) -> str | None:
     return None
 
 
+def cost(term: ConvTerm) -> int:
+    """Multiply-adds per output position: out * in / groups * kh * kw."""
+    return int(term.weight.numel())
+
+
+def merged_cost(a: ConvTerm, b: ConvTerm) -> int:
+    if a.linear:
+        return cost(a)
+    groups = math.gcd(a.groups, b.groups)
+    kh, kw = max(a.weight.shape[2], b.weight.shape[2]), max(a.weight.shape[3], b.weight.shape[3])
+    return a.out_channels * (a.in_channels // groups) * kh * kw
+
+
 def merge_terms(a: ConvTerm, b: ConvTerm) -> ConvTerm:
     """The single term equal to ``a + b`` (call ``merge_reason`` first)."""
     if a.linear:
