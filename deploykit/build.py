@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from warnings import catch_warnings, simplefilter, warn_explicit
 
 from deploykit.artifact import Artifact, ArtifactRecord, write_record
 from deploykit.backends.base import (
@@ -47,6 +48,8 @@ class BuildRequest:
     verify_samples: int = DEFAULT_VERIFY_SAMPLES
     seed: int | None = None
     max_drop: float | None = None  # int8: largest top-1 drop in points (1.0 = one point)
+    weights: str | None = None  # checkpoint that fills the model (or "pretrained" for timm/torchvision)
+    accept_partial: bool = False  # accept a fusion that left BatchNorm / branches unfolded
 
 
 @dataclass(frozen=True)
@@ -111,14 +114,14 @@ def _from_torch(request: BuildRequest, work: Path, threads: int, step: Callable[
 
     step("loading the model")
     loaded = load_model(request.model, num_classes=request.num_classes, cifar=request.cifar,
-                        input_size=request.input_size)
+                        input_size=request.input_size, weights=request.weights)
     check_input(loaded)
     size = loaded.input_size
     fusion = None
     fused = loaded.model
     if loaded.form != "deploy":
         step("fusing (re-parameterizing)")
-        result = reparameterize(loaded.model, input_shape=(2, 3, size, size))
+        result = reparameterize(loaded.model, input_shape=(2, 3, size, size), accept_partial=request.accept_partial)
         fused, fusion = result.model, result.certificate.to_dict() if result.certificate is not None else None
     step("exporting to ONNX")
     onnx_path = work / "model.onnx"
@@ -138,15 +141,23 @@ def _calibration(request: BuildRequest, precision: str, input_size: int, recipe:
                  warnings: list[str]) -> Any:
     from deploykit.calib import MIN_RECOMMENDED_SAMPLES, load_calibration
 
+    from deploykit.calib.preprocess import UpscaleWarning
+
     needs_data = precision == "int8"
-    calib = load_calibration(
-        request.calib if (needs_data or request.calib) else None,
-        input_size=input_size,
-        num_samples=request.calib_samples if needs_data else 1,
-        num_verify=request.verify_samples,
-        seed=request.seed,
-        recipe=recipe,
-    )
+    with catch_warnings(record=True) as caught:
+        simplefilter("always", UpscaleWarning)
+        calib = load_calibration(
+            request.calib if (needs_data or request.calib) else None,
+            input_size=input_size,
+            num_samples=request.calib_samples if needs_data else 1,
+            num_verify=request.verify_samples,
+            seed=request.seed,
+            recipe=recipe,
+        )
+    warnings.extend(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UpscaleWarning)))
+    for w in caught:  # everything else as if not caught
+        if not issubclass(w.category, UpscaleWarning):
+            warn_explicit(w.message, w.category, w.filename, w.lineno)
     if needs_data and calib.synthetic:
         warnings.append(
             "INT8 calibrated on synthetic data (seeded random tensors): the artifact runs int8 kernels, "

@@ -40,3 +40,11 @@ def one_line(err: BaseException, limit: int = 240) -> str:
     """The first non-empty line of ``err``'s message (else its type name), at most ``limit`` characters."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+class PartialFusionError(QualityGateError):
+    """The fusion is exact but left BatchNorm or parallel branches the engine could not fold."""
+
+    def __init__(self, message: str, certificate: object = None) -> None:
+        super().__init__(message)
+        self.certificate = certificate

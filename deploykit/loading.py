@@ -1,7 +1,10 @@
-"""Resolve a MODEL argument: a zoo name, ``path/to/file.py:factory``, or a checkpoint."""
+"""Resolve a MODEL argument: a zoo name, ``timm:NAME`` / ``torchvision:NAME``, ``path/to/file.py:factory``,
+or a deploykit checkpoint; ``weights`` fills the model from a checkpoint (safetensors, or a torch
+file read with ``weights_only=True``; foreign RepVGG naming renamed by ``models.keymaps``)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ OTHER_MODEL_FILES = {
 }
 BUILD_JSON = "build.json"  # deploykit.backends.base.BUILD_JSON, not imported: loading stays light
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class LoadedModel:
@@ -27,7 +32,7 @@ class LoadedModel:
     name: str
     input_size: int
     form: str = "train"  # "train" or "deploy"
-    source: str = "zoo"  # "zoo", "python", "checkpoint"
+    source: str = "zoo"  # "zoo", "external", "python", "checkpoint"
     spec: dict[str, Any] = field(default_factory=dict)  # rebuild recipe (zoo models)
 
     @property
@@ -98,28 +103,53 @@ def _mismatch(model: Any, state: dict[str, Any]) -> str:
     return "; ".join(parts) or "the tensors do not fit"
 
 
-def _from_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
+def _load_state(model: Any, path: Path, label: str, family: str | None = None) -> tuple[Any, str, str | None]:
+    """Fill ``model`` from the checkpoint at ``path``: (model, form, key map used)."""
     from deploykit.fuse import reparameterize
+    from deploykit.models.keymaps import to_zoo
 
     state, meta = read_checkpoint(path)
-    if not meta or "model" not in meta:
-        raise DeployError(
-            f"checkpoint {path} does not say which model it belongs to (no deploykit metadata); "
-            "save it with deploykit (train/fuse) or load the state_dict into your own model"
-        )
-    spec = {**meta["model"], **overrides}
-    try:
-        model = _from_zoo(spec).eval()
-    except (TypeError, ValueError) as err:  # wrong keywords or values in the recorded recipe
-        raise DeployError(f"checkpoint {path}: its model recipe {spec} does not build: {one_line(err)}") from err
-    form = meta.get("form", "train")
-    if form == "deploy":
+    form = (meta or {}).get("form", "train")
+    if form == "deploy":  # the fused graph is deterministic: rebuild it, then fill it
         model = reparameterize(model, check=False).model
+    key_map = None
+    if family is not None:
+        state, key_map = to_zoo(state, family)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise DeployError(f"checkpoint {path} does not fit model {spec['name']}: {_mismatch(model, state)}") from err
-    return model, spec, form
+        raise DeployError(f"checkpoint {path} does not fit model {label}: {_mismatch(model, state)}") from err
+    return model, form, key_map
+
+
+def _from_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any], str, str]:
+    """A deploykit checkpoint: (model, rebuild recipe, form, name)."""
+    _, meta = read_checkpoint(path)
+    if not meta or "model" not in meta:
+        raise DeployError(
+            f"checkpoint {path} does not say which model it belongs to (no deploykit metadata); "
+            f"name the model and pass the file as weights, e.g. `deploykit build repvgg_a0 --weights {path}` "
+            f"or `deploykit build timm:NAME --weights {path}`"
+        )
+    spec = {**meta["model"], **overrides}
+    if "python" in spec:
+        raise DeployError(
+            f"checkpoint {path} was made from Python code ({spec['python']}); deploykit never runs code that a "
+            f"checkpoint names: pass the code yourself, `deploykit build {spec['python']} --weights {path}`"
+        )
+    if "external" in spec:
+        from deploykit.models.external import create_external
+
+        name = spec["external"]
+        model = create_external(name, num_classes=spec.get("num_classes"))
+    else:
+        name = spec["name"]
+        try:
+            model = _from_zoo(spec).eval()
+        except (TypeError, ValueError) as err:  # wrong keywords or values in the recorded recipe
+            raise DeployError(f"checkpoint {path}: its model recipe {spec} does not build: {one_line(err)}") from err
+    model, form, _ = _load_state(model, path, name)
+    return model, spec, form, name
 
 
 def load_model(
@@ -128,8 +158,12 @@ def load_model(
     num_classes: int | None = None,
     cifar: bool | None = None,
     input_size: int | None = None,
+    weights: str | Path | None = None,
 ) -> LoadedModel:
-    """Build the model that ``spec`` names, in eval mode."""
+    """Build the model that ``spec`` names, in eval mode, filled from ``weights`` when given.
+
+    ``weights="pretrained"`` (timm/torchvision only) asks the library for its pretrained weights.
+    """
     overrides: dict[str, Any] = {}
     if num_classes is not None:
         overrides["num_classes"] = num_classes
@@ -137,17 +171,47 @@ def load_model(
         overrides["cifar"] = cifar
     refuse_non_pytorch(spec)
     path = Path(spec)
+    family = None
+    pretrained = str(weights) == "pretrained"
+    if pretrained and not _is_external(spec):
+        raise DeployError(f"--weights pretrained works for timm:NAME and torchvision:NAME models, not {spec}")
     if path.suffix in CHECKPOINT_SUFFIXES or (path.exists() and not spec.endswith(".py")):
-        model, recipe, form = _from_checkpoint(path, overrides)
-        name, source = recipe["name"], "checkpoint"
+        if weights is not None:
+            raise DeployError(f"{spec} is a checkpoint already; --weights names the weights of a model given by name")
+        model, recipe, form, name = _from_checkpoint(path, overrides)
+        source = "checkpoint"
     elif ".py:" in spec:
-        model, recipe, form = _from_python(spec), {}, "train"
+        model, recipe, form = _from_python(spec), {"python": spec}, "train"
         name, source = spec, "python"
+    elif _is_external(spec):
+        from deploykit.models.external import create_external
+
+        model = create_external(spec, num_classes=num_classes, pretrained=pretrained)
+        recipe, form, name, source = {"external": spec, "num_classes": num_classes}, "train", spec, "external"
     else:
+        from deploykit.models import get_entry
+
         recipe = {"name": spec, "num_classes": 1000, "cifar": False, **overrides}
         model, form, name, source = _from_zoo(recipe), "train", spec, "zoo"
-    size = input_size or int(getattr(model, "default_input_size", 224))
+        family = get_entry(spec).family
+    if weights is not None and not pretrained:
+        model, form, key_map = _load_state(model.eval(), Path(weights), name, family)
+        if key_map:
+            logger.info("weights %s: keys renamed from the %s naming", weights, key_map)
+    size = input_size or int(getattr(model, "default_input_size", 0)) or _declared_size(model)
     return LoadedModel(model.eval(), name, size, form, source, recipe)
+
+
+def _is_external(spec: str) -> bool:
+    from deploykit.models.external import is_external
+
+    return is_external(spec)
+
+
+def _declared_size(model: Any) -> int:
+    from deploykit.models.external import input_size_of
+
+    return input_size_of(model)
 
 
 def check_input(loaded: LoadedModel, batch: int = 1) -> None:

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "deploykit"
 # Bottom to top. A unit is a top-level module or sub-package of deploykit; it may import its own
 # layer or lower ones. The standalone bundle runner (package/runner_template) imports no deploykit.
 LAYERS: list[set[str]] = [
-    {"deploykit", "errors", "files", "configfile", "device", "onnxio", "privacy", "preflight", "verify", "procs"},
+    {"deploykit", "errors", "files", "configfile", "device", "onnxio", "privacy", "preflight", "verify", "procs", "quiet"},
     {"fuse", "export", "models", "checkpoint", "calib"},
     {"artifact", "backends", "profiles"},
     {"loading", "train", "quant", "resolve"},

@@ -5,6 +5,7 @@ model exactly what it was calibrated and verified on.
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,6 +18,14 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# An image upscaled this much or more to fill the model input is not what the model will see.
+UPSCALE_WARN_FACTOR = 2.0
+
+
+class UpscaleWarning(UserWarning):
+    """Calibration images much smaller than the model input."""
 
 
 class Preprocessing(BaseModel):
@@ -59,6 +68,12 @@ class Preprocessing(BaseModel):
         if self.resize is not None:
             w, h = image.size
             scale = self.resize / min(w, h)
+            if scale >= UPSCALE_WARN_FACTOR:
+                warnings.warn(UpscaleWarning(
+                    f"calibration images of {w}x{h} are upscaled {scale:.1f}x for the {self.size}x{self.size} input: "
+                    "INT8 ranges from upscaled images may not match real inputs; calibrate with images of about "
+                    "the model's input size"
+                ), stacklevel=2)
             new = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
             resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
             image = image.resize(new, resample[self.interpolation])

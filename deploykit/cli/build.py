@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from deploykit.cli.options import DEFAULT_THREADS, DEFAULT_VERIFY_SAMPLES, THREADS
+from deploykit.cli.options import ACCEPT_PARTIAL_HELP, DEFAULT_THREADS, DEFAULT_VERIFY_SAMPLES, THREADS, WEIGHTS_HELP
 
 PRECISIONS = ("fp32", "fp16", "int8", "w8")
 
@@ -68,7 +68,9 @@ def _logs_to(console: Any) -> Iterator[None]:
               help="Target option, repeatable; valid keys: `deploykit targets --json`.")
 @click.option("--max-drop", type=float, default=None, help="int8: largest top-1 drop in points (1.0 = one point): openvino uses NNCF accuracy control; "
                    "onnxruntime/mnn try per-channel, equalization, bias correction, then float layers.")
-@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size for zoo models.")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (zoo, timm, torchvision).")
+@click.option("--weights", default=None, metavar="FILE|pretrained", help=WEIGHTS_HELP)
+@click.option("--accept-partial", is_flag=True, help=ACCEPT_PARTIAL_HELP)
 @click.option("--cifar", is_flag=True, default=None, help="Zoo model in its CIFAR (32x32) form.")
 @click.option("--input-size", type=click.IntRange(8, 4096), default=None,
               help="Input height/width of a zoo MODEL (default: the model's).")
@@ -78,8 +80,9 @@ def _logs_to(console: Any) -> Iterator[None]:
 def build(model: str, target: str, precision: str | None, calib: str | None, calib_recipe: str | None,
           calib_samples: int | None, verify_samples: int, seed: int | None, out: Path | None, threads: int | None,
           options: tuple[str, ...], max_drop: float | None, num_classes: int | None, cifar: bool | None,
-          input_size: int | None, emit_only: bool, force: bool) -> None:
-    """Build a verified artifact for TARGET from MODEL (zoo name, file.py:factory, checkpoint or .onnx).
+          input_size: int | None, weights: str | None, accept_partial: bool, emit_only: bool, force: bool) -> None:
+    """Build a verified artifact for TARGET from MODEL (zoo name, timm:NAME, torchvision:NAME, file.py:factory,
+    checkpoint or .onnx).
 
     Fuses, exports, converts or quantizes, then verifies the artifact against the model on
     held-out inputs and writes it with build.json. INT8 without --calib calibrates on seeded
@@ -101,7 +104,7 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
         model=model, target=target, precision=precision, calib=calib, calib_recipe=calib_recipe,
         calib_samples=calib_samples, out=out, threads=threads, options=parsed, force=force,
         num_classes=num_classes, cifar=cifar, input_size=input_size, verify_samples=verify_samples, seed=seed,
-        max_drop=max_drop,
+        max_drop=max_drop, weights=weights, accept_partial=accept_partial,
     )
     console = _stderr_console()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())

@@ -30,17 +30,23 @@ THREADS = Threads()
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--num-classes, --cifar, --input-size: how to build a zoo MODEL."""
+    """--num-classes, --cifar, --input-size, --weights: how to build MODEL."""
+    func = click.option("--weights", default=None, metavar="FILE|pretrained", help=WEIGHTS_HELP)(func)
     func = click.option("--input-size", type=click.IntRange(8, 4096), default=None, help="Input height/width (default: the model's).")(func)
     func = click.option("--cifar", is_flag=True, default=None, help="Zoo models: the 32x32 CIFAR variant.")(func)
-    func = click.option("--num-classes", type=click.IntRange(1), default=None, help="Zoo models: classifier width (default 1000).")(func)
+    func = click.option("--num-classes", type=click.IntRange(1), default=None, help="Classifier width (zoo default 1000; timm/torchvision: the library's).")(func)
     return func
 
 
-def load(model: str, num_classes: int | None, cifar: bool | None, input_size: int | None):
+WEIGHTS_HELP = ("Fill MODEL from a checkpoint (safetensors, or a torch file read with weights_only=True; "
+                "timm/official RepVGG names are renamed); 'pretrained': timm/torchvision's own weights (downloads).")
+ACCEPT_PARTIAL_HELP = "Accept a fusion that left BatchNorm or parallel branches it could not fold (listed in the report)."
+
+
+def load(model: str, num_classes: int | None, cifar: bool | None, input_size: int | None, weights: str | None = None):
     from deploykit.loading import check_input, load_model
 
-    loaded = load_model(model, num_classes=num_classes, cifar=cifar, input_size=input_size)
+    loaded = load_model(model, num_classes=num_classes, cifar=cifar, input_size=input_size, weights=weights)
     check_input(loaded)
     return loaded
 

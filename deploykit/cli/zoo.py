@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from deploykit.cli.options import load, model_options, write_json
+from deploykit.cli.options import ACCEPT_PARTIAL_HELP, load, model_options, write_json
 
 
 @click.command()
@@ -61,33 +61,43 @@ def models(info_name: str | None, input_size: int | None, cifar: bool, num_class
 @click.option("--report", type=click.Path(path_type=Path), help="Write the equivalence certificate as JSON.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=None,
               help="Max relative error allowed (default 1e-4; 0 demands bit-exact outputs).")
+@click.option("--accept-partial", is_flag=True, help=ACCEPT_PARTIAL_HELP)
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
 @model_options
-def fuse(model: str, out: Path, report: Path | None, tolerance: float | None, force: bool, num_classes, cifar, input_size) -> None:
-    """Re-parameterize MODEL (zoo name, file.py:factory or checkpoint) into its deploy form.
+def fuse(model: str, out: Path, report: Path | None, tolerance: float | None, accept_partial: bool, force: bool,
+         num_classes, cifar, input_size, weights) -> None:
+    """Re-parameterize MODEL (zoo name, timm:NAME, torchvision:NAME, file.py:factory or checkpoint).
 
     The fusion is certified: per fused block and end to end, on random inputs with randomized
-    BatchNorm statistics and with the real weights. Exit code 3 when it is not equivalent.
+    BatchNorm statistics and with the real weights. Exit code 3 when it is not equivalent, or
+    when BatchNorm or parallel branches are left unfolded (unless --accept-partial).
 
     \b
-    Example:
+    Examples:
       deploykit fuse repvgg_a0 --out repvgg_a0-fused.pt --report fused.json
+      deploykit fuse timm:repvgg_a0 --weights repvgg_a0.safetensors --out fused.safetensors
     """
     from deploykit.checkpoint import save_checkpoint
+    from deploykit.errors import PartialFusionError
     from deploykit.files import check_writable
     from deploykit.fuse import DEFAULT_TOLERANCE_REL, reparameterize
 
     check_writable(out, force=force)
     if report:
         check_writable(report, force=force)
-    loaded = load(model, num_classes, cifar, input_size)
+    loaded = load(model, num_classes, cifar, input_size, weights)
     if loaded.form == "deploy":
         raise click.UsageError(f"{model} is already in deploy form")
-    result = reparameterize(
-        loaded.model, input_shape=(2, 3, loaded.input_size, loaded.input_size), tolerance_rel=DEFAULT_TOLERANCE_REL if tolerance is None else tolerance
-    )
-    spec = loaded.spec if loaded.source != "python" else {"python": loaded.name}
-    save_checkpoint(result.model, out, spec=spec, form="deploy", force=force)
+    try:
+        result = reparameterize(
+            loaded.model, input_shape=(2, 3, loaded.input_size, loaded.input_size),
+            tolerance_rel=DEFAULT_TOLERANCE_REL if tolerance is None else tolerance, accept_partial=accept_partial,
+        )
+    except PartialFusionError as err:  # the JSON report lists what is left either way
+        if report and err.certificate is not None:
+            write_json(report, {"model": loaded.name, "certificate": err.certificate.to_dict()}, force=force)
+        raise
+    save_checkpoint(result.model, out, spec=loaded.spec, form="deploy", force=force)
     if report:
         write_json(report, {"model": loaded.name, "certificate": result.certificate.to_dict()}, force=force)
     click.echo(result.certificate.summary())
@@ -101,9 +111,11 @@ def fuse(model: str, out: Path, report: Path | None, tolerance: float | None, fo
 @click.option("--batch", default="1", show_default=True, help="Batch size, or 'dynamic'.")
 @click.option("--opset", type=click.IntRange(11, 23), default=17, show_default=True)
 @click.option("--report", type=click.Path(path_type=Path), help="Write export (and fusion) figures as JSON.")
+@click.option("--accept-partial", is_flag=True, help=ACCEPT_PARTIAL_HELP)
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
 @model_options
-def export(model: str, out: Path, do_fuse: bool, batch: str, opset: int, report: Path | None, force: bool, num_classes, cifar, input_size) -> None:
+def export(model: str, out: Path, do_fuse: bool, batch: str, opset: int, report: Path | None, accept_partial: bool,
+           force: bool, num_classes, cifar, input_size, weights) -> None:
     """Export MODEL to a single ONNX file, checked by onnx.checker and against ONNX Runtime.
 
     \b
@@ -118,10 +130,10 @@ def export(model: str, out: Path, do_fuse: bool, batch: str, opset: int, report:
     if batch != "dynamic" and not batch.isdigit():
         raise click.BadParameter("must be a positive integer or 'dynamic'", param_hint="--batch")
     check_writable(out, force=force)
-    loaded = load(model, num_classes, cifar, input_size)
+    loaded = load(model, num_classes, cifar, input_size, weights)
     net, certificate = loaded.model, None
     if do_fuse and loaded.form == "train":
-        result = reparameterize(net, input_shape=(2, 3, loaded.input_size, loaded.input_size))
+        result = reparameterize(net, input_shape=(2, 3, loaded.input_size, loaded.input_size), accept_partial=accept_partial)
         net, certificate = result.model, result.certificate
         click.echo(certificate.summary())
     export_report = export_onnx(net, out, input_size=loaded.input_size, batch=batch if batch == "dynamic" else int(batch), opset=opset, force=force)

@@ -3,7 +3,9 @@
 ``reparameterize(model)`` traces any model with torch.fx, folds Conv+BN and Linear+BN,
 turns BN-only and identity branches into kernels, merges parallel linear branches whose
 outputs are summed (grouped convs included) and returns the new model together with a
-``Certificate`` of measured errors. A fusion over tolerance raises ``FusionError``.
+``Certificate`` of measured errors. A fusion over tolerance raises ``FusionError``; one that
+left fusible structure (BatchNorm not folded, parallel branches not merged) raises
+``PartialFusionError`` unless ``accept_partial=True``. The caller's model is never modified.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from deploykit.errors import DeployError, FusionError
+from deploykit.errors import DeployError, FusionError, PartialFusionError
 
 __all__ = ["FuseResult", "reparameterize", "DEFAULT_TOLERANCE_REL"]
 
@@ -25,16 +27,36 @@ class FuseResult:
     certificate: Any  # deploykit.fuse.certificate.Certificate, or None when check=False
 
 
-def _trace(model: Any):
-    from torch import fx
+@dataclass
+class _Traced:
+    gm: Any  # normalized torch.fx.GraphModule with ShapeProp metadata
+    provenance: dict[str, set[str]]  # folded constant -> the tensors it was computed from
 
+
+def _trace(model: Any, inputs: Any, *, randomize_seed: int | None = None) -> _Traced:
+    """Trace a copy of ``model`` (BN statistics randomized when a seed is given) and normalize it."""
+    from torch import fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from deploykit.fuse.normalize import normalize
+
+    model = copy.deepcopy(model).eval()
+    if randomize_seed is not None:
+        _randomize_bn(model, randomize_seed)
     try:
-        return fx.symbolic_trace(copy.deepcopy(model).eval())
+        gm = fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for untraceable Python
         raise DeployError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
             "deploykit fuses on the traced graph, so forward() must not branch on tensor values"
         ) from err
+    try:
+        ShapeProp(gm).propagate(inputs)
+    except Exception as err:
+        raise DeployError(f"model does not run on input of shape {tuple(inputs.shape)}: {err}") from err
+    provenance = normalize(gm)
+    ShapeProp(gm).propagate(inputs)  # metadata for the nodes the passes created
+    return _Traced(gm, provenance)
 
 
 def _record(gm: Any, inputs: Any) -> dict[str, Any]:
@@ -48,7 +70,8 @@ def _record(gm: Any, inputs: Any) -> dict[str, Any]:
         def run_node(self, n: fx.Node) -> Any:
             result = super().run_node(n)
             if isinstance(result, torch.Tensor):
-                values[n.name] = result.detach()
+                # A copy: an in-place op later in the graph (ReLU(inplace=True)) would overwrite a view.
+                values[n.name] = result.detach().clone()
             return result
 
     with torch.no_grad():
@@ -57,19 +80,23 @@ def _record(gm: Any, inputs: Any) -> dict[str, Any]:
 
 
 def _randomize_bn(model: Any, seed: int) -> None:
+    """Random statistics for every BatchNorm (subclasses and frozen BNs included), in place."""
     import torch
-    from torch import nn
+
+    from deploykit.fuse.normalize import bn_like_modules
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
-                module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                if module.weight is not None:
-                    module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                    module.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+        for module in bn_like_modules(model).values():
+            if getattr(module, "running_var", None) is None:
+                continue
+            n = module.running_var.numel()
+            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
+            module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor):
+                weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                bias.copy_(torch.randn(n, generator=gen) * 0.2)
 
 
 def _block_errors(gm: Any, plan: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +120,12 @@ def _output_name(gm: Any) -> str:
     return result.name
 
 
+def _count_convs(model: Any) -> int:
+    from torch import nn
+
+    return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
 def reparameterize(
     model: Any,
     *,
@@ -101,13 +134,18 @@ def reparameterize(
     tolerance_rel: float = DEFAULT_TOLERANCE_REL,
     check: bool = True,
     seed: int = 0,
+    accept_partial: bool = False,
 ) -> FuseResult:
-    """Fuse ``model`` (left untouched) into its deploy form and certify the result."""
-    import torch
-    from torch.fx.passes.shape_prop import ShapeProp
+    """Fuse a copy of ``model`` into its deploy form and certify the result.
 
-    from deploykit.fuse.certificate import BlockCheck, Certificate, EndToEndCheck, ErrorFigures
+    ``accept_partial``: return a model that still holds BatchNorm or parallel branches the
+    engine could not fold (the certificate lists them) instead of raising ``PartialFusionError``.
+    """
+    import torch
+
+    from deploykit.fuse.certificate import BlockCheck, Certificate, EndToEndCheck, ErrorFigures, Leftover
     from deploykit.fuse.graph import rewrite
+    from deploykit.fuse.normalize import bn_like_modules
 
     if input_shape is None:
         size = int(getattr(model, "default_input_size", 224))
@@ -115,37 +153,34 @@ def reparameterize(
     gen = torch.Generator().manual_seed(seed)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     random_inputs = torch.randn(*input_shape, generator=gen).to(dtype)
+    batchnorms = set(bn_like_modules(model))
 
-    gm = _trace(model)
-    try:
-        ShapeProp(gm).propagate(random_inputs)
-    except Exception as err:
-        raise DeployError(f"model does not run on input of shape {tuple(input_shape)}: {err}") from err
+    traced = _trace(model, random_inputs)
+    gm = traced.gm
     if not check:
-        rewrite(gm)
+        rewrite(gm, batchnorms, traced.provenance)
         return FuseResult(gm.eval(), None)
 
     out_name = _output_name(gm)
     # 1. Structure check on a copy whose BN statistics are randomized: freshly initialized
     #    BNs are identities and would hide a wrong fold.
-    randomized = copy.deepcopy(gm)
-    _randomize_bn(randomized, seed)
-    values_rand = _record(randomized, random_inputs)
-    plan_rand = rewrite(randomized)
-    errors_rand = _block_errors(randomized, plan_rand, values_rand)
+    randomized = _trace(model, random_inputs, randomize_seed=seed)
+    values_rand = _record(randomized.gm, random_inputs)
+    plan_rand = rewrite(randomized.gm, batchnorms, randomized.provenance)
+    errors_rand = _block_errors(randomized.gm, plan_rand, values_rand)
     with torch.no_grad():
         e2e = [
             EndToEndCheck(
                 "random (randomized BN statistics)",
                 list(input_shape),
-                ErrorFigures.between(values_rand[out_name], randomized(random_inputs)),
+                ErrorFigures.between(values_rand[out_name], randomized.gm(random_inputs)),
             )
         ]
     # 2. The real fusion, checked on random and caller inputs.
     params_before = sum(p.numel() for p in model.parameters())
     values = _record(gm, random_inputs)
     given_values = [_record(gm, x) for x in _as_list(example_inputs)]
-    plan = rewrite(gm)
+    plan = rewrite(gm, batchnorms, traced.provenance)
     errors_real = _block_errors(gm, plan, values)
     with torch.no_grad():
         e2e.append(EndToEndCheck("random", list(input_shape), ErrorFigures.between(values[out_name], gm(random_inputs))))
@@ -159,12 +194,25 @@ def reparameterize(
         tolerance_rel=tolerance_rel,
         blocks=blocks,
         end_to_end=e2e,
-        unfused=[{"node": u.node, "reason": u.reason} for u in plan.unfused],
+        unfused=[{"node": u.node, "reason": u.reason} for u in plan.unfused if u.kind in ("residual", "kept")],
         params_before=params_before,
         params_after=sum(p.numel() for p in gm.parameters()),
+        left=[Leftover(u.node, u.kind, u.reason) for u in plan.left],
+        batchnorm_before=len(batchnorms),
+        convs_before=_count_convs(model),
+        convs_after=_count_convs(gm),
+        accept_partial=accept_partial,
     )
-    if not certificate.passed:
+    if not certificate.equivalent:
         raise FusionError("fused model is not equivalent to the original: " + "; ".join(certificate.failures()[:5]))
+    if not certificate.passed:
+        shown = "; ".join(f"{x.name}: {x.reason}" for x in certificate.left[:3])
+        more = f" (and {len(certificate.left) - 3} more)" if len(certificate.left) > 3 else ""
+        raise PartialFusionError(
+            f"fusion left {certificate.left_summary()}: {shown}{more}; "
+            "pass accept_partial=True (--accept-partial) to accept a partial fusion",
+            certificate,
+        )
     return FuseResult(gm.eval(), certificate)
 
 

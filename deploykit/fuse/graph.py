@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from deploykit.fuse import kernels
 from deploykit.fuse.kernels import ConvTerm
@@ -22,8 +23,10 @@ from deploykit.fuse.kernels import ConvTerm
 log = logging.getLogger(__name__)
 
 _ADD_OPS = {operator.add, operator.iadd, torch.add}
+_SUB_OPS = {operator.sub, operator.isub, torch.sub}
 _MUL_OPS = {operator.mul, operator.imul, torch.mul}
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+_IN_PLACE_OPS = {operator.iadd, operator.isub, operator.imul}
+_BN_FUNCTION_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
 @dataclass
@@ -39,14 +42,25 @@ class FusedBlock:
 
 @dataclass
 class Unfused:
+    """A structure left as it was. ``kind``: "batchnorm" and "branches" are fusible structure the
+    engine could not fold (they fail the certificate's gate); "residual" is a sum around a
+    non-linear op, which no re-parameterization removes; "kept": branches that would merge into a
+    kernel costlier than the branches together (a fused model must not be slower)."""
+
     node: str
     reason: str
+    kind: str = "residual"
 
 
 @dataclass
 class RewritePlan:
     blocks: list[FusedBlock]
     unfused: list[Unfused]
+
+    @property
+    def left(self) -> list[Unfused]:
+        """Fusible structure still in the graph: BatchNorm not folded, parallel branches not merged."""
+        return [u for u in self.unfused if u.kind not in ("residual", "kept")]
 
 
 def _constant(gm: fx.GraphModule, node: object, channels: int) -> torch.Tensor | None:
@@ -69,9 +83,21 @@ def _constant(gm: fx.GraphModule, node: object, channels: int) -> torch.Tensor |
     return None
 
 
+def _describe(node: object, modules: dict[str, nn.Module]) -> str:
+    """What produced ``node``, for a reason a user reads."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "call_module":
+        return f"{node.name} (module {node.target}: {type(modules[node.target]).__name__})"
+    if node.op == "placeholder":
+        return f"{node.name} (the model input)"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({target})"
+
+
 def _kind(sources: list[str]) -> str:
     """A readable label: "conv+bn", or the number of parallel branches merged."""
-    convs = [s for s in sources if not s.startswith(("bn:", "scale:", "identity"))]
+    convs = [s for s in sources if not s.startswith(("bn:", "scale:", "shift:", "identity"))]
     bns = sum(s.startswith("bn:") for s in sources)
     extra = sum(s == "identity" for s in sources) + max(0, bns - len(convs))
     if len(convs) == 1 and not extra:
@@ -86,9 +112,45 @@ class _Planner:
         self.terms: dict[fx.Node, ConvTerm] = {}
         self.absorbed: set[fx.Node] = set()
         self.unfused: list[Unfused] = []
+        self.bn_reasons: dict[str, str] = {}  # BN module name -> why it was not folded
 
     def _sole_user(self, node: object, user: fx.Node) -> bool:
         return isinstance(node, fx.Node) and node in self.terms and set(node.users) == {user}
+
+    def _value(self, node: object) -> torch.Tensor | None:
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            return None
+        value = self.gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def _batch_norm(self, node: fx.Node) -> tuple[object, torch.Tensor, torch.Tensor, str, int] | None:
+        """(input, scale, shift, BN name, rank) for a BatchNorm module call or ``F.batch_norm`` in eval."""
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm) or node.kwargs or len(node.args) != 1:
+                return None
+            if module.training or not module.track_running_stats or module.running_var is None:
+                self.bn_reasons[node.target] = "BatchNorm in training mode or without running statistics"
+                return None
+            rank = 4 if isinstance(module, nn.BatchNorm2d) else 0
+            return (node.args[0], *kernels.bn_scale_shift(module), node.target, rank)
+        if node.op != "call_function" or node.target is not F.batch_norm:
+            return None
+        args = dict(zip(_BN_FUNCTION_ARGS, node.args)) | dict(node.kwargs)
+        mean, var = self._value(args.get("running_mean")), self._value(args.get("running_var"))
+        name = args["running_var"].target.rsplit(".", 1)[0] if isinstance(args.get("running_var"), fx.Node) else node.name
+        if mean is None or var is None or args.get("training", False) is not False:
+            self.bn_reasons[name] = "functional batch_norm without constant running statistics (training mode)"
+            return None
+        weight, bias = self._value(args.get("weight")), self._value(args.get("bias"))
+        if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
+            self.bn_reasons[name] = "functional batch_norm whose weight or bias is computed at run time"
+            return None
+        scale, shift = kernels.affine_scale_shift(mean, var, weight, bias, float(args.get("eps", 1e-5)))
+        meta = node.meta.get("tensor_meta")
+        return args["input"], scale, shift, name, len(meta.shape) if meta is not None else 0
 
     def _absorb(self, node: fx.Node) -> ConvTerm:
         self.absorbed.add(node)
@@ -101,17 +163,13 @@ class _Planner:
                 return kernels.conv_term(node, module, node.target)
             if isinstance(module, nn.Linear) and not node.kwargs:
                 return kernels.linear_term(node, module, node.target)
-            if isinstance(module, _BN_TYPES) and module.track_running_stats and module.running_var is not None:
-                scale, shift = kernels.bn_scale_shift(module)
-                source = f"bn:{node.target}"
-                (src,) = node.args
-                if self._sole_user(src, node):
-                    return kernels.scale_term(self._absorb(src), scale, shift, source)
-                if isinstance(module, nn.BatchNorm2d):
-                    return kernels.channelwise_term(src, scale, shift, source)
-            return None
+        bn = self._batch_norm(node)
+        if bn is not None:
+            return self._fold_batch_norm(node, *bn)
         if node.op != "call_function":
             return None
+        if node.target in _IN_PLACE_OPS and isinstance(node.args[0], fx.Node) and set(node.args[0].users) != {node}:
+            return None  # the in-place op also changes what the other users of its operand read
         if node.target in _MUL_OPS and len(node.args) == 2 and not node.kwargs:
             for this, other in (node.args, node.args[::-1]):
                 if self._sole_user(this, node) and not (self.terms[this].linear and isinstance(other, fx.Node)):
@@ -119,27 +177,72 @@ class _Planner:
                     if constant is not None:
                         name = other.target if isinstance(other, fx.Node) else repr(other)
                         return kernels.scale_term(self._absorb(this), constant, None, f"scale:{name}")
+            for this, other in (node.args, node.args[::-1]):  # a scaled identity branch: g * x
+                meta = this.meta.get("tensor_meta") if isinstance(this, fx.Node) and this.op != "get_attr" else None
+                if meta is not None and len(meta.shape) == 4 and isinstance(other, fx.Node):
+                    constant = _constant(self.gm, other, int(meta.shape[1]))
+                    if constant is not None:
+                        return kernels.channelwise_term(this, constant, torch.zeros_like(constant), f"scale:{other.target}")
             return None
-        if node.target in _ADD_OPS and len(node.args) == 2 and not node.kwargs:
-            a, b = node.args
-            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-                return None
-            if not (a in self.terms or b in self.terms):
-                return None
-            # Decide before absorbing, so a failed merge leaves both operands intact.
-            term_a = self.terms[a] if self._sole_user(a, node) else self._identity(a)
-            term_b = self.terms[b] if self._sole_user(b, node) else self._identity(b)
-            if term_a is None or term_b is None:
-                return None
-            reason = kernels.merge_reason(term_a, term_b)
-            if reason is not None:
-                self.unfused.append(Unfused(node.name, reason))
-                return None
-            for operand in (a, b):
-                if self._sole_user(operand, node):
-                    self.absorbed.add(operand)
-            return kernels.merge_terms(term_a, term_b)
+        if (node.target in _ADD_OPS or node.target in _SUB_OPS) and len(node.args) == 2 and not node.kwargs:
+            return self._sum(node, *node.args, negate=node.target in _SUB_OPS)
         return None
+
+    def _fold_batch_norm(self, node: fx.Node, src: object, scale: torch.Tensor, shift: torch.Tensor, name: str,
+                         rank: int) -> ConvTerm | None:
+        source = f"bn:{name}"
+        if self._sole_user(src, node):
+            return kernels.scale_term(self._absorb(src), scale, shift, source)
+        if isinstance(src, fx.Node) and src in self.terms:
+            others = ", ".join(sorted(u.name for u in src.users if u is not node))
+            self.bn_reasons[name] = (
+                f"its input {_describe(src, self.modules)} is also read by {others}: folding would compute the conv twice"
+            )
+        else:
+            self.bn_reasons[name] = f"it reads {_describe(src, self.modules)}, not a conv or linear output: nothing to fold it into"
+        if rank == 4 and isinstance(src, fx.Node):
+            return kernels.channelwise_term(src, scale, shift, source)  # may still merge as a branch (RepVGG identity)
+        return None
+
+    def _sum(self, node: fx.Node, a: object, b: object, *, negate: bool) -> ConvTerm | None:
+        # term ± per-channel constant (a frozen BN's shift, a bias added by hand)
+        for this, other, this_sign, other_sign in ((a, b, 1.0, -1.0 if negate else 1.0), (b, a, -1.0 if negate else 1.0, 1.0)):
+            if self._sole_user(this, node) and not self.terms[this].linear:
+                constant = _constant(self.gm, other, self.terms[this].out_channels)
+                if constant is not None:
+                    name = other.target if isinstance(other, fx.Node) else repr(other)
+                    scale = torch.full_like(constant, this_sign)
+                    return kernels.scale_term(self._absorb(this), scale, constant * other_sign, f"shift:{name}")
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or not (a in self.terms or b in self.terms):
+            return None
+        # Decide before absorbing, so a failed merge leaves both operands intact.
+        term_a = self.terms[a] if self._sole_user(a, node) else self._identity(a)
+        term_b = self.terms[b] if self._sole_user(b, node) else self._identity(b)
+        if term_a is None or term_b is None:
+            return None
+        if term_a.input is not term_b.input:
+            self.unfused.append(Unfused(node.name, (
+                f"residual sum of {_describe(term_a.input, self.modules)} and {_describe(term_b.input, self.modules)}: "
+                "the branches start from different tensors (a non-linear op between them), so they cannot be one conv"
+            )))
+            return None
+        if negate:
+            term_b = kernels.negated(term_b)
+        reason = kernels.merge_reason(term_a, term_b)
+        if reason is not None:
+            self.unfused.append(Unfused(node.name, f"parallel branches of {term_a.input.name} not merged: {reason}", "branches"))
+            return None
+        if kernels.merged_cost(term_a, term_b) > kernels.cost(term_a) + kernels.cost(term_b):
+            # e.g. depthwise 3x3 + dense 1x1 would become a dense 3x3: exact, but slower than both branches
+            self.unfused.append(Unfused(node.name, (
+                f"parallel branches of {term_a.input.name} kept apart on purpose: one kernel would cost "
+                f"{kernels.merged_cost(term_a, term_b)} multiply-adds per pixel, the branches {kernels.cost(term_a) + kernels.cost(term_b)}"
+            ), "kept"))
+            return None
+        for operand in (a, b):
+            if self._sole_user(operand, node):
+                self.absorbed.add(operand)
+        return kernels.merge_terms(term_a, term_b)
 
     def _identity(self, node: fx.Node) -> ConvTerm | None:
         meta = node.meta.get("tensor_meta")
@@ -175,8 +278,47 @@ def _unique_name(gm: fx.GraphModule, sources: list[str]) -> str:
     return name
 
 
-def rewrite(gm: fx.GraphModule) -> RewritePlan:
-    """Re-parameterize ``gm`` in place (it must carry ShapeProp tensor metadata)."""
+def _batchnorms_read(gm: fx.GraphModule, batchnorms: set[str], provenance: dict[str, set[str]]) -> dict[str, str]:
+    """BatchNorm module name -> a node of ``gm`` that still calls it or reads its tensors."""
+    read: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in batchnorms:
+            read.setdefault(node.target, node.name)
+        elif node.op == "get_attr":
+            for origin in provenance.get(node.target, {node.target}):
+                module = origin.rsplit(".", 1)[0]
+                if module in batchnorms:
+                    read.setdefault(module, node.name)
+    return read
+
+
+def _batchnorm_left(gm: fx.GraphModule, planner: _Planner, batchnorms: set[str], provenance: dict[str, set[str]],
+                    read_before: dict[str, str]) -> list[Unfused]:
+    """The BatchNorms the rewritten graph still holds (or that the tracer never opened), with the reason."""
+    left = [
+        Unfused(name, f"BatchNorm {name} not folded: " + planner.bn_reasons.get(
+            name, "its per-channel map is applied to a tensor that is not a conv or linear output"), "batchnorm")
+        for name in _batchnorms_read(gm, batchnorms, provenance)
+    ]
+    leaves = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    for name in sorted(batchnorms - set(read_before)):
+        holder = next((t for t in leaves if name.startswith(f"{t}.")), None)
+        if holder is not None:
+            kind = type(planner.modules[holder]).__name__
+            left.append(Unfused(name, f"BatchNorm {name} not folded: it is inside {holder} ({kind}), "
+                                      "a module torch.fx keeps whole (a leaf), so its graph is not visible", "batchnorm"))
+    return left
+
+
+def rewrite(gm: fx.GraphModule, batchnorms: set[str] | None = None,
+            provenance: dict[str, set[str]] | None = None) -> RewritePlan:
+    """Re-parameterize ``gm`` in place (it must carry ShapeProp tensor metadata).
+
+    ``batchnorms`` names the BatchNorm modules of the model before tracing (and ``provenance``
+    which of them the normalized graph's constants came from), so that what is left is reported.
+    """
+    batchnorms, provenance = batchnorms or set(), provenance or {}
+    read_before = _batchnorms_read(gm, batchnorms, provenance)
     planner = _Planner(gm)
     targets = planner.plan()
     dtype = next((p.dtype for p in gm.parameters()), torch.float32)
@@ -198,4 +340,5 @@ def rewrite(gm: fx.GraphModule) -> RewritePlan:
     gm.recompile()
     for block in blocks:
         log.debug("fused %s <- %s", block.module, ", ".join(block.sources))
-    return RewritePlan(blocks, planner.unfused)
+    bn_left = _batchnorm_left(gm, planner, batchnorms, provenance, read_before)
+    return RewritePlan(blocks, planner.unfused + bn_left)

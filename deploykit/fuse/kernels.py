@@ -37,12 +37,21 @@ class ConvTerm:
 
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode BN as y = x * scale + shift, per channel."""
-    var = bn.running_var.double()
-    mean = bn.running_mean.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
+    return affine_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+def affine_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN statistics as y = x * scale + shift, per channel, in float64."""
+    var, mean = var.detach().double(), mean.detach().double()
+    gamma = weight.detach().double() if weight is not None else torch.ones_like(var)
+    beta = bias.detach().double() if bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + eps)
     return scale, beta - mean * scale
+
+
+def negated(term: ConvTerm) -> ConvTerm:
+    return replace(term, weight=-term.weight, bias=-term.bias)
 
 
 def scale_term(term: ConvTerm, scale: torch.Tensor, shift: torch.Tensor | None, source: str) -> ConvTerm:
@@ -128,6 +137,19 @@ def merge_reason(a: ConvTerm, b: ConvTerm) -> str | None:
     if offset_a is None or offset_b is None or offset_a != offset_b:
         return "kernels are not centre-aligned (padding differs)"
     return None
+
+
+def cost(term: ConvTerm) -> int:
+    """Multiply-adds per output position: out * in / groups * kh * kw."""
+    return int(term.weight.numel())
+
+
+def merged_cost(a: ConvTerm, b: ConvTerm) -> int:
+    if a.linear:
+        return cost(a)
+    groups = math.gcd(a.groups, b.groups)
+    kh, kw = max(a.weight.shape[2], b.weight.shape[2]), max(a.weight.shape[3], b.weight.shape[3])
+    return a.out_channels * (a.in_channels // groups) * kh * kw
 
 
 def merge_terms(a: ConvTerm, b: ConvTerm) -> ConvTerm:
