@@ -8,6 +8,8 @@ call, a corrupt timing cache, shapes an engine does not take); no TensorRT behav
 """
 from __future__ import annotations
 
+import logging
+
 import os
 import subprocess
 import sys
@@ -321,7 +323,14 @@ class _Config:
     (b"garbage", _Config(create="raise"), "unreadable"),
 ])
 def test_timing_cache_failures_warn_and_build_on(content: bytes | None, config: _Config, status: str,
-                                                 tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+                                                 tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Other tests in the same worker (Ray clients, in-process CLI runs) may leave deploykit's loggers
+    # disabled or not propagating; this test reads the warning through the root logger.
+    for name in ("deploykit", trt_runtime.logger.name):
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+    caplog.set_level(logging.WARNING, logger=trt_runtime.logger.name)
     path = tmp_path / "timing.cache"
     if content is not None:
         path.write_bytes(content)
