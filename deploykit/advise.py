@@ -34,6 +34,7 @@ class AdviseRequest:
     targets: tuple[str, ...] = ()  # empty: every target available here
     precisions: tuple[str, ...] = ()  # empty: every precision of each target this CPU can run
     max_drop: float = 1.0  # top-1 points (negative: must beat the reference by that much)
+    labels: bool = True  # False: score agreement even when the data has labels (they are not the model's classes)
     num_classes: int | None = None
     cifar: bool | None = None
     threads: int = 2
@@ -186,7 +187,7 @@ def _eval_set(request: AdviseRequest, input_size: int) -> tuple[np.ndarray, np.n
     from deploykit.calib import default_recipe
     from deploykit.calib.sources import labeled_subset
 
-    if request.calib:
+    if request.calib and request.labels:
         try:
             source, labels, indices = labeled_subset(request.calib, "test", request.eval_samples, request.seed)
         except DeployError:
@@ -199,7 +200,8 @@ def _eval_set(request: AdviseRequest, input_size: int) -> tuple[np.ndarray, np.n
 
     data = load_calibration(request.calib, input_size=input_size, num_samples=1, num_verify=request.eval_samples,
                             seed=request.seed + 7)
-    return data.held_out, None, "top-1 agreement with the FP32 reference (the data has no labels)"
+    why = "labels not used" if request.calib and not request.labels else "the data has no labels"
+    return data.held_out, None, f"top-1 agreement with the FP32 reference ({why})"
 
 
 def score(rows: list[Candidate], baseline: Candidate, inputs: np.ndarray, labels: np.ndarray | None) -> None:

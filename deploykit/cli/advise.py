@@ -48,6 +48,8 @@ def run_advice(request: Any, out: Path | None) -> Any:
 @click.argument("model")
 @click.option("--calib", default=None, metavar="PATH",
               help="Data: labeled images (folder per class, .tar.gz) give top-1; else agreement with FP32.")
+@click.option("--agreement", is_flag=True,
+              help="Score top-1 agreement with FP32 even if --calib has labels (they are not the model's classes).")
 @click.option("--max-drop", type=float, default=1.0, show_default=True, help="Largest top-1 drop, in points.")
 @click.option("--target", "-t", "targets", multiple=True, help="Targets to try (repeatable; default: all here).")
 @click.option("--precision", "-p", "precisions", multiple=True, type=click.Choice(PRECISIONS),
@@ -65,7 +67,7 @@ def run_advice(request: Any, out: Path | None) -> Any:
               help="Where candidates are built (and cached).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for advice.md/.json/.csv (default: --work).")
 @click.option("--force", is_flag=True, help="Rebuild cached candidates.")
-def advise(model: str, calib: str | None, max_drop: float, targets: tuple[str, ...], precisions: tuple[str, ...],
+def advise(model: str, calib: str | None, agreement: bool, max_drop: float, targets: tuple[str, ...], precisions: tuple[str, ...],
            num_classes: int | None, cifar: bool | None, threads: int, calib_samples: int | None, eval_samples: int,
            rounds: int, round_seconds: float, warmup_seconds: float, work: Path, out: Path | None,
            force: bool) -> None:
@@ -82,7 +84,7 @@ def advise(model: str, calib: str | None, max_drop: float, targets: tuple[str, .
     from deploykit.advise import AdviseRequest
 
     request = AdviseRequest(
-        model=model, calib=calib, targets=targets, precisions=precisions, max_drop=max_drop,
+        model=model, calib=calib, labels=not agreement, targets=targets, precisions=precisions, max_drop=max_drop,
         num_classes=num_classes, cifar=cifar, threads=threads, calib_samples=calib_samples,
         eval_samples=eval_samples, rounds=rounds, round_seconds=round_seconds, warmup_seconds=warmup_seconds,
         work=work, force=force,
