@@ -26,7 +26,10 @@ import deploykit
 
 logger = logging.getLogger(__name__)
 
-# /proc/cpuinfo flag -> the name shown in reports. VNNI and AMX decide whether INT8 pays off.
+# /proc/cpuinfo flag -> the name shown in reports: every flag that changes which kernels a runtime
+# picks. VNNI and AMX-INT8 decide whether INT8 pays off; AVX512-BF16/AMX-BF16 and AVX512-FP16/AMX-FP16
+# whether bf16/fp16 compute natively (deploykit.precision); AVX-NE-CONVERT + AVX-VNNI-INT8 are
+# OpenVINO's avx2_vnni_2 path for bf16/fp16 on AVX2-only cores.
 ISA_FLAGS = {
     "avx2": "AVX2",
     "fma": "FMA",
@@ -35,9 +38,18 @@ ISA_FLAGS = {
     "avx512_vnni": "AVX512-VNNI",
     "avx_vnni": "AVX-VNNI",
     "avx512_bf16": "AVX512-BF16",
+    "avx512_fp16": "AVX512-FP16",
+    "avx512vl": "AVX-512VL",
+    "avx512dq": "AVX-512DQ",
+    "f16c": "F16C",
+    "avx_vnni_int8": "AVX-VNNI-INT8",
+    "avx_ne_convert": "AVX-NE-CONVERT",
     "amx_tile": "AMX-TILE",
     "amx_int8": "AMX-INT8",
     "amx_bf16": "AMX-BF16",
+    "amx_fp16": "AMX-FP16",
+    "bf16": "BF16",
+    "asimdhp": "ASIMD-HP",
     "asimd": "NEON",
     "asimddp": "NEON-DOTPROD",
     "i8mm": "I8MM",

@@ -3,7 +3,9 @@
 #  1. fuse RepVGG-A0 (224x224) on its fx graph and print the equivalence certificate;
 #  2. export the fused model to ONNX, checked against ONNX Runtime;
 #  3. build INT8 artifacts of the CIFAR-10 variant for ONNX Runtime, OpenVINO and MNN,
-#     each verified against the PyTorch reference, and evaluate their top-1.
+#     each verified against the PyTorch reference, and evaluate their top-1;
+#  4. end with `deploykit advise` on that model: every target x precision this CPU runs, ranked
+#     by latency (short timing: 3 rounds; a report needs more), the fastest within 1 point marked.
 # Calibration uses CIFAR-10 when its tarball is present (DATA=...), otherwise deploykit's
 # documented synthetic fallback (INT8 accuracy then means nothing: pass real images).
 set -euo pipefail
@@ -44,4 +46,10 @@ $DK verify "$OUT/repvgg_a0-cifar-onnxruntime-int8.tar.gz"
 
 step "targets on this machine"
 $DK targets
+
+step "advise: the fastest artifact of repvgg_a0 (CIFAR variant) within 1 point of top-1 agreement"
+# The zoo model is untrained here, so accuracy is top-1 agreement with the FP32 reference.
+$DK advise repvgg_a0 --cifar --num-classes 10 "${calib[@]}" --agreement --calib-samples 300 \
+  -p fp32 -p bf16 -p fp16 -p int8 --eval-samples 300 --rounds 3 --round-seconds 0.5 --warmup-seconds 1 \
+  --max-drop 1.0 --work "$OUT/advise"
 printf '\nartifacts are in %s\n' "$OUT"

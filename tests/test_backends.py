@@ -68,6 +68,10 @@ def built(source: Source, tmp_path_factory: pytest.TempPathFactory):
             backend = get_backend(name)
             if backend.version() is None:
                 pytest.skip(f"target {name} is not installed here")
+            from deploykit.precision import cpu_flags, refusal
+
+            if refusal(precision, cpu_flags()):
+                pytest.skip(f"{name} {precision} not on this CPU: {refusal(precision, cpu_flags())}")
             out = root / f"{name}-{precision}"
             out.mkdir()
             config = BuildConfig(precision=precision, threads=2, calibration=source.calib, source_model=source.fused)

@@ -12,12 +12,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "deploykit"
 # Bottom to top. A unit is a top-level module or sub-package of deploykit; it may import its own
 # layer or lower ones. The standalone bundle runner (package/runner_template) imports no deploykit.
 LAYERS: list[set[str]] = [
-    {"deploykit", "errors", "files", "configfile", "device", "onnxio", "privacy", "preflight", "verify", "procs", "quiet"},
+    {"deploykit", "errors", "files", "configfile", "device", "onnxio", "privacy", "preflight", "verify", "procs", "quiet", "precision"},
     {"fuse", "export", "models", "checkpoint", "calib"},
     {"artifact", "backends", "profiles"},
     {"loading", "train", "quant", "resolve"},
     {"build", "evaluate"},
     {"bench"},
+    {"advise"},
     {"report", "package"},
     {"cli", "__main__"},
 ]

@@ -6,6 +6,18 @@ or segfault, and a crash becomes one DeployError naming what to change. INT8 cal
 format (one folder per sample holding ``<input name>.txt``), so MNN's own image decoding and
 resizing never enter. ``feature_quantize_method`` EMA is the default; KL and ADMM crash or
 lose accuracy on some graphs.
+
+Why EMA calibration is slow, and what is done about it: MNN's EMA method runs every calibration
+sample as one step of its *training* engine (a fake-quantized Express module in training mode,
+then ``solver->step`` with learning rate 0), at 10-30x the cost of an inference pass (profiled
+here: RepVGG-A0 at 32x32 took 0.36-0.9 s per sample against ~30 ms for a float forward pass).
+A larger ``batch_size`` does not help: with sequence inputs each step keeps only the last sample
+of its batch (checked: batch 10 over 20 samples gives the byte-identical model of batch 1 over
+samples 10 and 20). So ``--option ema_steps`` (default 100) bounds the steps: EMA steps through an
+evenly spaced subset of the calibration set, recorded in build.json as ``calibration_samples_used``.
+
+No bf16: the wheel's ``Precision_Low_BF16`` mode stores bf16 and computes with AVX2/FMA fp32
+kernels on x86 (GemmAVX2FMABF16), so it is not bf16 arithmetic; deploykit offers no mnn bf16.
 """
 from __future__ import annotations
 
@@ -34,6 +46,8 @@ OPTIONS = {
     "feature_quantize_method": Option("EMA", "activation ranges: EMA (moving average), KL or ADMM",
                                       ("EMA", "KL", "ADMM"), ("int8",)),
     "weight_quantize_method": Option("MAX_ABS", "weight scales", ("MAX_ABS", "ADMM"), ("int8",)),
+    "ema_steps": Option(100, "EMA: calibration samples stepped through (each one costs a training step)",
+                        precisions=("int8",), bounds=(1, 100000)),
     # Outside 1..127 MNN's quantizer logs an error and then segfaults.
     "feature_clamp_value": Option(127, "activation range [-v, v]; lower it when int8 overflows",
                                   precisions=("int8",), bounds=(1, 127)),
@@ -167,8 +181,17 @@ class MNNBackend(BackendBase):
             with temp_dir("mnn") as tmp:
                 float_model = Path(tmp) / "float.mnn"
                 self._convert(onnx_path, float_model, [])
-                self._quantize(float_model, out, Path(tmp), io, config, options)
-        return {"model_file": MODEL_FILE, "batch": None, "options": options, "io": io}
+                used = self._quantize(float_model, out, Path(tmp), io, config, options)
+        from deploykit.precision import Arithmetic
+
+        note = {"fp16": "fp16 weights; fp32 arithmetic on x86 (fp16 arithmetic only on arm64 with ASIMD-HP)",
+                "w8": "int8 weights, fp32 arithmetic"}.get(config.precision, "")
+        facts = {"model_file": MODEL_FILE, "batch": None, "options": options, "io": io,
+                 "inference_precision": "fp32",
+                 "arithmetic": Arithmetic(config.precision, "fp32", True, (), note=note).to_dict()}
+        if config.precision == "int8":
+            facts["calibration_samples_used"] = used
+        return facts
 
     def _convert(self, onnx_path: Path, out: Path, flags: list[str]) -> None:
         args = ["convert", "-f", "ONNX", "--modelFile", str(onnx_path), "--MNNModel", str(out),
@@ -176,15 +199,21 @@ class MNNBackend(BackendBase):
         run_tool(args, what=f"MNN converter on {onnx_path.name}", produces=out)
 
     def _quantize(self, src: Path, out: Path, tmp: Path, io: dict[str, Any], config: BuildConfig,
-                  options: dict[str, Any]) -> None:
+                  options: dict[str, Any]) -> int:
+        """Run MNN's quantizer; return how many calibration samples it stepped through."""
         calib = config.calibration
         if calib is None:
             raise DeployError("int8 needs calibration data")
+        import numpy as np
+
         input_name = io["inputs"][0]["name"]
-        _write_sequence_inputs(tmp / "calib", input_name, calib.inputs)
+        samples = calib.inputs
+        if options["feature_quantize_method"] == "EMA" and len(samples) > options["ema_steps"]:
+            samples = samples[np.linspace(0, len(samples) - 1, options["ema_steps"]).round().astype(int)]
+        _write_sequence_inputs(tmp / "calib", input_name, samples)
         settings = {
             "path": str(tmp / "calib"),
-            "used_sample_num": len(calib.inputs),
+            "used_sample_num": len(samples),
             "input_type": "sequence",
             "inputs": [{"name": input_name, "shape": [1, *calib.inputs.shape[1:]]}],
             # Sequence inputs are read one sample per step; a larger batch would use only its last sample.
@@ -204,6 +233,7 @@ class MNNBackend(BackendBase):
         run_tool(["quant", str(src), str(quantized), str(config_path)],
                  what=f"MNN quantizer (feature_quantize_method={method})", hint=hint, produces=quantized)
         shutil.move(str(quantized), str(out))
+        return len(samples)
 
     def load(self, artifact: Artifact, *, threads: int) -> MNNRunner:
         backend = artifact.backend

@@ -6,6 +6,11 @@
   inputs and outputs; nodes without an fp16 CPU kernel run behind inserted casts.
 - int8: ``onnxruntime.quantization.quantize_static`` in QDQ format over the calibration set,
   per-channel weights by default; MinMax, Entropy or Percentile ranges.
+
+No bf16: the CPU execution provider has no bfloat16 convolution kernels on x86; its only bf16
+arithmetic is the arm64 GEMM fast-math switch (session config ``mlas.enable_gemm_fastmath_arm64_bfloat16``,
+MatMul/Gemm only). The fp16 artifact's float16 nodes run behind casts where the CPU EP has no
+fp16 kernel, so its arithmetic is recorded as fp32 on x86.
 """
 from __future__ import annotations
 
@@ -128,7 +133,14 @@ class OnnxRuntimeBackend(BackendBase):
         else:
             self._build_int8(onnx_path, out, config, options)
         session(out, threads=config.threads)  # fails here, not at first use, if the result does not load
-        return {"model_file": MODEL_FILE, "batch": fixed_batch(onnx_io(out)), "options": options}
+        from deploykit.precision import Arithmetic
+
+        # ORT's API does not expose kernel precision per node; what is known is stated.
+        note = {"fp16": "fp16 storage; CPU EP computes fp16 nodes behind casts in fp32",
+                "int8": "QDQ: int8 convolutions/matmuls, fp32 elsewhere"}.get(config.precision, "")
+        arithmetic = Arithmetic(config.precision, "fp32", True, (), note=note)
+        return {"model_file": MODEL_FILE, "batch": fixed_batch(onnx_io(out)), "options": options,
+                "inference_precision": "fp32", "arithmetic": arithmetic.to_dict()}
 
     def _build_fp16(self, onnx_path: Path, out: Path) -> None:
         import onnx

@@ -1,12 +1,20 @@
-"""OpenVINO (CPU plugin): IR ``model.xml``/``model.bin`` in FP32, FP16 or INT8.
+"""OpenVINO (CPU plugin): IR ``model.xml``/``model.bin`` in FP32, BF16, FP16 or INT8.
 
-- fp32 / fp16: ``openvino.convert_model`` + ``save_model`` (fp16: weights compressed to
-  float16; the CPU plugin computes in float32 unless the CPU has native fp16/bf16 units, and
-  deploykit pins ``INFERENCE_PRECISION_HINT=f32`` so results do not depend on the machine).
-- int8: NNCF post-training quantization (``nncf.quantize``) on the calibration set; with
-  ``--option max_drop=X`` (top-1 points, as ``--max-drop``) and labeled calibration data,
-  ``nncf.quantize_with_accuracy_control`` keeps the top-1 drop on the held-out samples within X
-  by reverting layers to float.
+A precision names the arithmetic (``INFERENCE_PRECISION_HINT``), decided from the CPU's flags
+(``deploykit.precision``), and the executed precision per op kind is read back from the compiled
+model's runtime model and recorded:
+
+- fp32: f32 pinned, so results do not depend on the machine. OpenVINO's own default on a CPU
+  with AVX512-BF16/AMX is bf16: that one is ``--precision bf16``.
+- bf16: bf16 arithmetic; refused on a CPU without AVX512-BF16/AMX-BF16 (OpenVINO would emulate it
+  on plain AVX-512 and silently run f32 on AVX2).
+- fp16: weights compressed to float16; f16 arithmetic where the CPU has AVX512-FP16/AMX-FP16,
+  else f32 arithmetic on fp16-stored weights (recorded as not native).
+- int8: NNCF post-training quantization (``nncf.quantize``) on the calibration set; the float
+  parts run in the fastest native float arithmetic (``--option float_precision=auto``) unless
+  its outputs leave that precision's tolerance of the f32 ones on the held-out inputs, then
+  f32. With ``--option max_drop=X`` (top-1 points, as ``--max-drop``) and labeled calibration data,
+  ``nncf.quantize_with_accuracy_control`` keeps the top-1 drop within X.
 """
 from __future__ import annotations
 
@@ -27,6 +35,8 @@ OPTIONS = {
                      "non-ReLU activations)", ("performance", "mixed"), ("int8",)),
     "fast_bias_correction": Option(True, "fast (True) or full (False) bias correction", precisions=("int8",)),
     "ignored_scope": Option("", "comma-separated node names kept in float", precisions=("int8",)),
+    "float_precision": Option("auto", "arithmetic of the parts left in float: auto = the fastest native one "
+                              "that passes verification", ("auto", "fp32", "bf16", "fp16"), ("int8",)),
     "max_drop": Option(None, "largest top-1 drop allowed, in points (1.0 = one point); needs labeled "
                        "calibration data", precisions=("int8",), kind=float, bounds=(0.0, 100.0)),
 }
@@ -54,8 +64,12 @@ def _first_line(err: Exception) -> str:
     return (useful or lines or [type(err).__name__])[0][:300]
 
 
-def compile_model(path: Path, *, threads: int):
-    """The model compiled for CPU with explicit threads, one stream, latency hint, f32 compute."""
+# deploykit precision -> OpenVINO element type of INFERENCE_PRECISION_HINT
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def compile_model(path: Path, *, threads: int, arithmetic: str = "fp32"):
+    """The model compiled for CPU with explicit threads, one stream, latency hint, the given arithmetic."""
     ov = _openvino()
     import openvino.properties as props
     import openvino.properties.hint as hints
@@ -64,7 +78,7 @@ def compile_model(path: Path, *, threads: int):
         props.inference_num_threads: threads,
         props.num_streams: 1,
         hints.performance_mode: hints.PerformanceMode.LATENCY,
-        hints.inference_precision: ov.Type.f32,
+        hints.inference_precision: getattr(ov.Type, HINTS[arithmetic]),
     }
     try:
         return ov.Core().compile_model(str(path), "CPU", config)
@@ -88,10 +102,25 @@ def _openvino_op_name(node: Any) -> str:
     return f"{node.name}/WithoutBiases" if len(node.input) > 2 and node.input[2] else node.name
 
 
+def executed_precision(compiled: Any) -> dict[str, dict[str, int]]:
+    """Op kind (``layerType``) -> {executed precision: op count}, constants left out."""
+    kinds: dict[str, dict[str, int]] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "runtimePrecision" not in info or "layerType" not in info:
+            continue
+        kind, precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        if kind == "Const":
+            continue
+        kinds.setdefault(kind, {})
+        kinds[kind][precision] = kinds[kind].get(precision, 0) + 1
+    return kinds
+
+
 class OpenVINORunner:
-    def __init__(self, path: Path, *, threads: int, batch: int | None) -> None:
+    def __init__(self, path: Path, *, threads: int, batch: int | None, arithmetic: str = "fp32") -> None:
         self.threads = threads
-        self.compiled = compile_model(path, threads=threads)
+        self.compiled = compile_model(path, threads=threads, arithmetic=arithmetic)
         self.request = self.compiled.create_infer_request()
         self.batch = batch
 
@@ -107,7 +136,7 @@ class OpenVINORunner:
 
 class OpenVINOBackend(BackendBase):
     name = "openvino"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = ("fp32", "bf16", "fp16", "int8")
     extra = "openvino"
     options = OPTIONS
     distributions = ("openvino",)
@@ -122,7 +151,15 @@ class OpenVINOBackend(BackendBase):
         ov = _openvino()
         from deploykit.onnxio import fixed_batch, onnx_io
 
+        from deploykit import precision as arith
+
         options = resolve_options(self.name, self.options, config.options, config.precision)
+        flags = arith.cpu_flags()
+        if config.precision == "int8":
+            wanted = options["float_precision"]
+            plan = arith.fastest_float(flags) if wanted == "auto" else arith.resolve(wanted, flags)
+        else:
+            plan = arith.resolve(config.precision, flags)  # bf16 without units: one line, before converting
         try:
             model = ov.convert_model(str(onnx_path))
         except Exception as err:
@@ -131,15 +168,41 @@ class OpenVINOBackend(BackendBase):
         if config.precision == "int8":
             model, facts = self._quantize(model, config, options)
         ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=config.precision == "fp16")
-        compiled = compile_model(out_dir / MODEL_FILE, threads=config.threads)
+        batch = fixed_batch(onnx_io(onnx_path))
+        float_check = None
+        if config.precision == "int8" and plan.executes != "fp32":
+            plan, float_check = self._check_float_parts(out_dir / MODEL_FILE, plan, config, batch)
+        compiled = compile_model(out_dir / MODEL_FILE, threads=config.threads, arithmetic=plan.executes)
         return {
             "model_file": MODEL_FILE,
             "weights_file": "model.bin",
-            "batch": fixed_batch(onnx_io(onnx_path)),
+            "batch": batch,
             "options": options,
+            # The arithmetic the artifact is compiled with (load() uses it), and why.
+            "inference_precision": plan.executes,
+            "arithmetic": {**plan.to_dict(), "hint": HINTS[plan.executes], "float_parts_check": float_check},
+            "executed_precision": executed_precision(compiled),
             "runtime_precisions": runtime_precisions(compiled),
             **facts,
         }
+
+    def _check_float_parts(self, path: Path, plan: Any, config: BuildConfig,
+                           batch: int | None) -> tuple[Any, dict[str, Any]]:
+        """INT8: keep the faster float arithmetic only if it stays within its tolerance of f32."""
+        from deploykit.precision import Arithmetic
+        from deploykit.verify import TOLERANCES, compare, judge
+
+        inputs = config.calibration.held_out
+        fast = OpenVINORunner(path, threads=config.threads, batch=batch, arithmetic=plan.executes)(inputs)
+        exact = OpenVINORunner(path, threads=config.threads, batch=batch, arithmetic="fp32")(inputs)
+        tolerance = TOLERANCES[plan.executes]
+        problems = judge(compare(exact, fast), tolerance)
+        check = {"against": "the same int8 model with f32 float parts", "samples": len(inputs),
+                 "tolerance": tolerance.to_dict(), "passed": not problems, "problems": problems}
+        if problems:
+            plan = Arithmetic(plan.precision, "fp32", True, plan.features,
+                              note=f"{plan.executes} float parts failed verification; f32 kept")
+        return plan, check
 
     def _quantize(self, model: Any, config: BuildConfig, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         import nncf
@@ -179,7 +242,8 @@ class OpenVINOBackend(BackendBase):
 
     def load(self, artifact: Artifact, *, threads: int) -> OpenVINORunner:
         backend = artifact.backend
-        return OpenVINORunner(artifact.path / backend["model_file"], threads=threads, batch=backend.get("batch"))
+        return OpenVINORunner(artifact.path / backend["model_file"], threads=threads, batch=backend.get("batch"),
+                              arithmetic=backend.get("inference_precision", "fp32"))
 
 
 def _top1_on(compiled: Any, items: Any) -> float:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "fuse": "deploykit.cli.zoo:fuse",
     "export": "deploykit.cli.zoo:export",
     "build": "deploykit.cli.build:build",
+    "advise": "deploykit.cli.advise:advise",
     "eval": "deploykit.cli.build:evaluate",
     "targets": "deploykit.cli.build:targets",
     "bench": "deploykit.cli.bench:bench",

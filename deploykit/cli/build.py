@@ -12,7 +12,7 @@ import click
 
 from deploykit.cli.options import ACCEPT_PARTIAL_HELP, DEFAULT_THREADS, DEFAULT_VERIFY_SAMPLES, THREADS, WEIGHTS_HELP
 
-PRECISIONS = ("fp32", "fp16", "int8", "w8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "w8")
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -51,7 +51,8 @@ def _logs_to(console: Any) -> Iterator[None]:
 
 @click.command("build")
 @click.argument("model")
-@click.option("--target", "-t", required=True, help="A target or a profile: see `deploykit targets`.")
+@click.option("--target", "-t", required=True,
+              help="A target or a profile: see `deploykit targets`; auto: what `deploykit advise` picks.")
 @click.option("--precision", "-p", type=click.Choice(PRECISIONS), default=None,
               help="Default: the profile's, else fp32.")
 @click.option("--calib", default=None, metavar="RECIPE|PATH",
@@ -76,11 +77,14 @@ def _logs_to(console: Any) -> Iterator[None]:
               help="Input height/width of a zoo MODEL (default: the model's).")
 @click.option("--emit-only", is_flag=True,
               help="tensorrt: write the ONNX, calibration summary and trtexec command; build no engine here.")
+@click.option("--advice", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="--target auto: pick from this advice.json of an earlier `deploykit advise` (default: run advise).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 def build(model: str, target: str, precision: str | None, calib: str | None, calib_recipe: str | None,
           calib_samples: int | None, verify_samples: int, seed: int | None, out: Path | None, threads: int | None,
           options: tuple[str, ...], max_drop: float | None, num_classes: int | None, cifar: bool | None,
-          input_size: int | None, weights: str | None, accept_partial: bool, emit_only: bool, force: bool) -> None:
+          input_size: int | None, weights: str | None, accept_partial: bool, emit_only: bool,
+          advice: Path | None, force: bool) -> None:
     """Build a verified artifact for TARGET from MODEL (zoo name, timm:NAME, torchvision:NAME, file.py:factory,
     checkpoint or .onnx).
 
@@ -98,6 +102,9 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
     from deploykit.build import BuildRequest, build as run_build
 
     parsed = _parse_options(options)
+    if target == "auto":
+        target, precision, max_drop = _auto_target(model, precision, calib, calib_samples, max_drop, threads,
+                                                   num_classes, cifar, advice)
     if emit_only:
         parsed["emit_only"] = "true"
     request = BuildRequest(
@@ -127,6 +134,26 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
         click.echo(f"(or: cd {result.path} && bash build_engine.sh)")
 
 
+def _auto_target(model: str, precision: str | None, calib: str | None, calib_samples: int | None,
+                 max_drop: float | None, threads: int | None, num_classes: int | None, cifar: bool | None,
+                 advice: Path | None) -> tuple[str, str, None]:
+    """--target auto: the fastest artifact within --max-drop (default 1 point), from advise or its advice.json."""
+    from deploykit.advise import AdviseRequest, choose_from_file
+    from deploykit.cli.advise import run_advice
+
+    budget = 1.0 if max_drop is None else max_drop
+    if advice is not None:
+        target, precision = choose_from_file(advice, model=model, max_drop=budget, precision=precision)
+    else:
+        request = AdviseRequest(model=model, calib=calib, precisions=(precision,) if precision else (),
+                                max_drop=budget, num_classes=num_classes, cifar=cifar, threads=threads or 2,
+                                calib_samples=calib_samples)
+        chosen = run_advice(request, None).chosen
+        target, precision = chosen.target, chosen.precision
+    click.echo(f"--target auto: building {target} {precision} (fastest within {budget:g} points)")
+    return target, precision, None  # the budget was advise's: no int8 repair loop
+
+
 def _print_build(meta: dict[str, Any], path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -142,7 +169,25 @@ def _print_build(meta: dict[str, Any], path: Path) -> None:
     table.add_row("cosine (min / mean)", f"{v['cosine_min']:.6f} / {v['cosine_mean']:.6f}")
     table.add_row("max abs error", f"{v['max_abs_error']:.3g} (relative {v['max_rel_error']:.3g})")
     table.add_row("top-1 agreement", f"{v['top1_agreement']:.4f}")
+    for label, text in arithmetic_rows(meta.get("backend") or {}):
+        table.add_row(label, text)
     Console().print(table)
+
+
+def arithmetic_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
+    """The arithmetic the runtime executes, per op kind, and the CPU features that decided it."""
+    rows = []
+    plan = facts.get("arithmetic")
+    if plan:
+        native = "native" if plan["native"] else "not native"
+        features = ", ".join(plan["features"]) or "-"
+        rows.append(("arithmetic", f"{plan['executes']} ({native}; CPU features: {features})"
+                     + (f"; {plan['note']}" if plan.get("note") else "")))
+    executed = facts.get("executed_precision")
+    if executed:
+        parts = [f"{kind} {'/'.join(f'{p}x{n}' for p, n in sorted(by.items()))}" for kind, by in sorted(executed.items())]
+        rows.append(("executed precision", ", ".join(parts)))
+    return rows
 
 
 @click.command("eval")

@@ -1,0 +1,308 @@
+"""`deploykit advise`: build every target x precision, measure accuracy and latency, pick one.
+
+Every candidate is built through ``deploykit.build`` (so it is verified, and cached under the
+work folder), scored on held-out data (top-1 on labeled images, else top-1 agreement with the
+FP32 PyTorch reference), and timed with the bench protocol (``deploykit.bench.timing``: warm-up
+until stable, then rounds interleaved across all candidates in an order rotated each round;
+``deploykit.bench.stats``: median of round medians, bootstrap intervals, paired speed-up against
+PyTorch eager). The chosen artifact is the fastest whose top-1 drop is within the budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploykit.errors import DeployError, UsageError
+
+logger = logging.getLogger(__name__)
+
+BASELINE = "PyTorch eager"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class AdviseRequest:
+    model: str
+    calib: str | None = None  # labeled images give top-1; anything else: agreement with the reference
+    targets: tuple[str, ...] = ()  # empty: every target available here
+    precisions: tuple[str, ...] = ()  # empty: every precision of each target this CPU can run
+    max_drop: float = 1.0  # top-1 points (negative: must beat the reference by that much)
+    labels: bool = True  # False: score agreement even when the data has labels (they are not the model's classes)
+    num_classes: int | None = None
+    cifar: bool | None = None
+    threads: int = 2
+    calib_samples: int | None = None
+    eval_samples: int = 500
+    rounds: int = 5
+    round_seconds: float = 1.0
+    warmup_seconds: float = 3.0
+    work: Path = Path("build/advise")
+    seed: int = 0
+    force: bool = False
+
+
+@dataclass
+class Candidate:
+    """One row: a target x precision (or a hand-made anchor), built, scored and timed."""
+
+    label: str
+    target: str | None = None
+    precision: str | None = None
+    path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    top1: float | None = None  # accuracy, or agreement with the reference
+    drop: float | None = None  # points below the reference
+    summary: Any = None  # bench.stats.Summary
+    speedup: Any = None  # bench.stats.Ratio: eager median / this median, paired by round
+    rounds: list[np.ndarray] = field(default_factory=list)
+    runner: Any = None
+    anchor: bool = False
+    chosen: bool = False
+    rejected: str | None = None
+
+    @property
+    def executed(self) -> str:
+        plan = (self.meta.get("backend") or {}).get("arithmetic") or {}
+        if not plan:
+            return "-"
+        return plan["executes"] + ("" if plan.get("native", True) else " (not native)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label, "target": self.target, "precision": self.precision, "executed": self.executed,
+            "path": str(self.path) if self.path else None, "error": self.error, "top1": self.top1,
+            "drop_points": self.drop, "latency": self.summary.to_dict() if self.summary else None,
+            "speedup_vs_eager": self.speedup.to_dict() if self.speedup else None,
+            "size_bytes": self.meta.get("size_bytes"), "anchor": self.anchor, "chosen": self.chosen,
+            "rejected": self.rejected,
+            "executed_precision": (self.meta.get("backend") or {}).get("executed_precision"),
+        }
+
+
+@dataclass
+class Advice:
+    request: AdviseRequest
+    accuracy: str  # "top-1 on labeled held-out images" or "top-1 agreement with the FP32 reference"
+    baseline: Candidate
+    candidates: list[Candidate]
+    device: dict[str, Any]
+    versions: dict[str, str]
+
+    @property
+    def chosen(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.chosen), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.request
+        return {
+            "model": r.model, "calib": r.calib, "max_drop_points": r.max_drop, "accuracy": self.accuracy,
+            "threads": r.threads, "rounds": r.rounds, "round_seconds": r.round_seconds,
+            "baseline": self.baseline.to_dict(), "candidates": [c.to_dict() for c in self.candidates],
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            "device": self.device, "versions": self.versions,
+        }
+
+
+def plan(request: AdviseRequest) -> tuple[list[tuple[str, str]], list[Candidate]]:
+    """(target, precision) pairs to build, and rows for those this machine cannot build (with why)."""
+    from deploykit.backends.base import BACKENDS, get_backend
+    from deploykit.precision import cpu_flags, refusal
+
+    flags = cpu_flags()
+    names = request.targets or tuple(sorted(BACKENDS))
+    todo, skipped = [], []
+    for name in names:
+        backend = get_backend(name)  # unknown name: DeployError listing the targets
+        unknown = [p for p in request.precisions if p not in backend.precisions]
+        if request.targets and request.precisions and len(unknown) == len(request.precisions):
+            raise UsageError(f"target {name} does not build precision {', '.join(unknown)}; "
+                             f"choose from {', '.join(backend.precisions)}")
+        if backend.version() is None:
+            if request.targets:
+                raise DeployError(f"target {name} is not available here: pip install 'deploykit[{backend.extra}]'")
+            continue
+        for precision in request.precisions or backend.precisions:
+            if precision not in backend.precisions:
+                continue
+            why = refusal(precision, flags)
+            if why:
+                skipped.append(Candidate(f"{name} {precision}", name, precision, error=f"not on this CPU: {why}"))
+            else:
+                todo.append((name, precision))
+    if not todo:
+        raise UsageError("nothing to build: no available target builds the precisions asked for")
+    return todo, skipped
+
+
+def _cache_key(request: AdviseRequest) -> str:
+    from deploykit import __version__
+
+    identity = {k: getattr(request, k) for k in ("model", "calib", "num_classes", "cifar", "threads",
+                                                  "calib_samples", "seed")}
+    identity["deploykit"] = __version__
+    path = Path(request.model.split(".py:")[0])
+    if path.is_file():  # a changed checkpoint or factory is another model
+        identity["mtime"] = path.stat().st_mtime_ns
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def build_candidates(request: AdviseRequest, todo: list[tuple[str, str]], step: Progress) -> list[Candidate]:
+    """Build (or reuse from the cache) every pair; a failed build is a row with its error."""
+    from deploykit.backends.base import Artifact
+    from deploykit.build import BuildRequest, build
+
+    folder = request.work / _cache_key(request)
+    rows = []
+    for index, (target, precision) in enumerate(todo, 1):
+        row = Candidate(f"{target} {precision}", target, precision, path=folder / f"{target}-{precision}")
+        if not request.force and (row.path / "build.json").is_file():
+            step(f"[{index}/{len(todo)}] {row.label}: cached")
+            row.meta = Artifact.open(row.path).record.model_dump(mode="json")
+            rows.append(row)
+            continue
+        step(f"[{index}/{len(todo)}] building {row.label}")
+        try:
+            row.meta = build(BuildRequest(
+                model=request.model, target=target, precision=precision, calib=request.calib,
+                calib_samples=request.calib_samples, out=row.path, threads=request.threads, force=True,
+                num_classes=request.num_classes, cifar=request.cifar, seed=request.seed,
+            )).meta
+        except DeployError as err:
+            row.error = str(err).splitlines()[0]
+            logger.warning("%s: %s", row.label, row.error)
+        rows.append(row)
+    return rows
+
+
+def _eval_set(request: AdviseRequest, input_size: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Held-out inputs (preprocessed as the artifacts are), their labels when the data has them."""
+    from deploykit.calib import default_recipe
+    from deploykit.calib.sources import labeled_subset
+
+    if request.calib and request.labels:
+        try:
+            source, labels, indices = labeled_subset(request.calib, "test", request.eval_samples, request.seed)
+        except DeployError:
+            source = None
+        if source is not None:
+            pre = default_recipe(input_size).preprocessing
+            tensors = np.concatenate([t for _, t in source.iter_load(indices, pre, 64)])
+            return tensors, labels[indices], "top-1 on labeled held-out images"
+    from deploykit.calib import load_calibration
+
+    data = load_calibration(request.calib, input_size=input_size, num_samples=1, num_verify=request.eval_samples,
+                            seed=request.seed + 7)
+    why = "labels not used" if request.calib and not request.labels else "the data has no labels"
+    return data.held_out, None, f"top-1 agreement with the FP32 reference ({why})"
+
+
+def score(rows: list[Candidate], baseline: Candidate, inputs: np.ndarray, labels: np.ndarray | None) -> None:
+    """Top-1 (or agreement) of every runner on the same inputs; drop in points below the baseline."""
+    reference = baseline.runner(inputs).argmax(1)
+    truth = labels if labels is not None else reference
+    for row in [baseline, *rows]:
+        if row.runner is None:
+            continue
+        predicted = reference if row is baseline else row.runner(inputs).argmax(1)
+        row.top1 = float((predicted == truth).mean())
+    for row in rows:
+        if row.top1 is not None:
+            row.drop = (baseline.top1 - row.top1) * 100.0
+
+
+def time_interleaved(rows: list[Candidate], baseline: Candidate, request: AdviseRequest, x: np.ndarray,
+                     step: Progress) -> None:
+    """Warm up each runner, then time rounds interleaved across all (bench.timing + bench.stats)."""
+    from deploykit.bench.stats import ratio_of_medians, summarize
+    from deploykit.backends.base import get_backend
+    from deploykit.bench.timing import host_timer, interleaved_rounds, iterations_per_round, timer_for, warm_up
+
+    live = [baseline, *[r for r in rows if r.runner is not None]]
+    measures, iterations = {}, {}
+    for row in live:
+        step(f"warming up {row.label}")
+        measures[row.label] = (timer_for(get_backend(row.target), row.runner, x) if row.target and not row.anchor
+                               else host_timer(row.runner, x))
+        warm = warm_up(measures[row.label], max_time_s=request.warmup_seconds)
+        iterations[row.label] = iterations_per_round(warm.per_iteration_s, request.round_seconds)
+    step(f"timing {request.rounds} interleaved rounds")
+    times = interleaved_rounds(measures, iterations, request.rounds)
+    for row in live:
+        row.rounds.extend(times[row.label])
+    eager = [float(np.median(t)) for t in baseline.rounds]
+    for row in live:
+        row.summary = summarize(row.rounds, seed=request.seed)
+        row.speedup = ratio_of_medians(eager, [float(np.median(t)) for t in row.rounds])
+
+
+def choose(rows: list[Candidate], max_drop: float) -> Candidate | None:
+    """Mark the fastest row within budget; say why each faster row was rejected."""
+    timed = sorted((r for r in rows if r.summary is not None and not r.anchor), key=lambda r: r.summary.median_ms)
+    chosen = next((r for r in timed if r.drop is not None and r.drop <= max_drop + 1e-9), None)
+    for row in timed:
+        if row is chosen:
+            break
+        row.rejected = f"top-1 drop {row.drop:.2f} > budget {max_drop:g} points"
+    if chosen is not None:
+        chosen.chosen = True
+    return chosen
+
+
+def advise(request: AdviseRequest, *, progress: Progress | None = None,
+           anchors: dict[str, Callable[[], Any]] | None = None) -> Advice:
+    """Build, score, time and rank; ``anchors``: label -> runner factory timed in the same rounds."""
+    from deploykit.backends.base import Artifact, get_backend
+    from deploykit.backends.torch_cpu import TorchRunner
+    from deploykit.device import device_fingerprint, tool_versions
+    from deploykit.loading import check_input, load_model
+
+    step = progress or (lambda text: None)
+    todo, skipped = plan(request)
+    loaded = load_model(request.model, num_classes=request.num_classes, cifar=request.cifar)
+    check_input(loaded)
+    rows = build_candidates(request, todo, step)
+    for row in rows:
+        if row.error is None:
+            row.runner = get_backend(row.target).load(Artifact.open(row.path), threads=request.threads)
+    for label, make in (anchors or {}).items():
+        rows.append(Candidate(label, runner=make(), anchor=True))
+    baseline = Candidate(BASELINE, "torch", "fp32", runner=TorchRunner(loaded.model.eval(), threads=request.threads),
+                         anchor=True)
+    step("scoring accuracy")
+    inputs, labels, accuracy = _eval_set(request, loaded.input_size)
+    score(rows, baseline, inputs, labels)
+    x = np.random.default_rng(request.seed).standard_normal((1, 3, loaded.input_size, loaded.input_size))
+    time_interleaved(rows, baseline, request, x.astype(np.float32), step)
+    choose(rows, request.max_drop)
+    for row in rows:
+        row.runner = None
+    baseline.runner = None
+    ordered = sorted(rows, key=lambda r: (r.summary is None, r.summary.median_ms if r.summary else 0.0))
+    return Advice(request, accuracy, baseline, ordered + skipped, device_fingerprint(), tool_versions())
+
+
+def choose_from_file(path: Path, *, model: str, max_drop: float, precision: str | None = None) -> tuple[str, str]:
+    """(target, precision) of the fastest row within ``max_drop`` in an advice.json written by advise."""
+    from deploykit.errors import QualityGateError
+
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = data["candidates"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DeployError(f"{path} is not an advice.json written by `deploykit advise`") from err
+    if data.get("model") != model:
+        raise DeployError(f"{path} advises on {data.get('model')!r}, not {model!r}")
+    timed = [r for r in rows if not r["anchor"] and r["latency"] and r["drop_points"] is not None
+             and (precision is None or r["precision"] == precision)]
+    within = sorted((r for r in timed if r["drop_points"] <= max_drop + 1e-9), key=lambda r: r["latency"]["median_ms"])
+    if not within:
+        raise QualityGateError(f"no artifact in {path} within --max-drop {max_drop:g} points")
+    return within[0]["target"], within[0]["precision"]
