@@ -98,7 +98,7 @@ def test_custom_l2_is_the_equivalent_kernels_decay_and_replaces_plain_decay() ->
         eq = k3[:, :, 1, 1] * t3[:, None] + k1[:, :, 0, 0] * t1[:, None]
         outer = (k3**2).sum() - (k3[:, :, 1, 1] ** 2).sum()
         expected += float((outer + (eq**2 / (t3**2 + t1**2)[:, None]).sum()).detach())
-    assert float(penalty()) == pytest.approx(expected, rel=1e-5)
+    assert float(penalty().detach()) == pytest.approx(expected, rel=1e-5)
     penalty().backward()  # gradients reach the kernels, not the (detached) BN scales
     assert block.rbr_dense.conv.weight.grad is not None and block.rbr_dense.bn.weight.grad is None
     optimizer = make_optimizer(model, TrainConfig(epochs=1), None, penalty.kernels())
