@@ -98,3 +98,47 @@ def test_cli_analyze_reports_the_causes(tmp_path: Path) -> None:
     markdown = (tmp_path / "a" / "analysis.md").read_text()
     assert "## Causes, every layer" in markdown and "weights on always-zero input channels set the int8 range" in markdown
     assert f"2 ({DEAD[0]}, {DEAD[1]})" in markdown
+
+
+def _factory_and_data(tmp_path: Path) -> tuple[str, Path]:
+    factory = tmp_path / "dead.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                       "from dead_models import make\n")
+    data = tmp_path / "data.npz"
+    _, inputs, labels = dead_model()
+    np.savez(data, inputs=inputs, labels=labels)
+    return f"{factory}:make", data
+
+
+def test_max_drop_zeroes_dead_weights_first(fused) -> None:
+    pytest.importorskip("onnxruntime", reason="max-drop builds with ONNX Runtime")
+    from deploykit.quant.max_drop import fix_quantization
+    from test_max_drop import _calibration
+
+    _, model, _, _, inputs, labels = fused
+    result = fix_quantization(model, backend="onnxruntime", calibration=_calibration(inputs[:256]),
+                              validation_inputs=inputs[256:], validation_labels=labels[256:], max_drop=1.0,
+                              base_options={"per_channel": False}, threads=1)
+    names = [s.step for s in result.steps]
+    assert names[:2] == ["baseline", "zero_dead"] and result.steps[0].drop_points > 1.0
+    assert result.steps[1].adopted and result.met and result.recipe.zero_dead
+
+
+@pytest.mark.parametrize("fix", ["zero-dead", "repvgg"])
+def test_cli_build_with_a_named_int8_fix(tmp_path: Path, fix: str) -> None:
+    pytest.importorskip("onnxruntime", reason="the named fix is built with ONNX Runtime")
+    model, data = _factory_and_data(tmp_path)
+    common = ["--target", "onnxruntime", "--precision", "int8", "--calib", str(data), "--calib-recipe", "cifar10",
+              "--calib-samples", "256", "--verify-samples", "256", "--threads", "1", "--option", "per_channel=false"]
+    plain = run_cli("build", model, *common, "--out", str(tmp_path / "plain"))
+    fixed = run_cli("build", model, *common, "--int8-fix", fix, "--out", str(tmp_path / "fixed"))
+    assert plain.returncode == 0 and fixed.returncode == 0, plain.stderr + fixed.stderr
+    before = json.loads((tmp_path / "plain" / "build.json").read_text())
+    after = json.loads((tmp_path / "fixed" / "build.json").read_text())
+    assert after["int8_fix"]["name"] == fix and after["int8_fix"]["steps"][0]["weights_zeroed"] == 2 * CHANNELS * 9
+    assert after["int8_fix"]["steps"][0]["calibration_error"]["max_rel_error"] <= 1e-6
+    assert after["verification"]["top1_agreement"] > before["verification"]["top1_agreement"] + 0.2
+    if fix == "repvgg":
+        assert after["options"]["per_channel"] is True
+    wrong = run_cli("build", model, "--target", "onnxruntime", "--int8-fix", fix, "--out", str(tmp_path / "fp32"))
+    assert wrong.returncode == 2 and "--int8-fix applies to int8 builds" in wrong.stderr
