@@ -14,7 +14,7 @@
 # is the one command that regenerates them (runs/quant-report/train/*/model.safetensors).
 #
 #   bash scripts/quant_report.sh                              the report's budget (see below)
-#   WORK=/tmp/qr EPOCHS=1 HS_EPOCHS=1 LIMIT=512 EVAL_LIMIT=500 CALIB_SAMPLES=128 VERIFY_SAMPLES=200 \
+#   WORK=/tmp/qr EPOCHS=1 HS_EPOCHS=1 LIMIT=512 VAL_LIMIT=200 EVAL_LIMIT=500 CALIB_SAMPLES=128 VERIFY_SAMPLES=200 \
 #     ANALYZE_SAMPLES=200 REPORT=/tmp/qr/report.md bash scripts/quant_report.sh
 #                                                             a smoke run of every command (minutes)
 set -euo pipefail
@@ -40,6 +40,7 @@ BATCH=${BATCH:-128}
 LR=${LR:-0.1}
 WARMUP=${WARMUP:-1}
 LIMIT=${LIMIT:-}          # train on a seeded subset of N images (empty: all 50,000)
+VAL_LIMIT=${VAL_LIMIT:-}  # validate each epoch on a seeded subset of the test split (empty: all 10,000)
 CALIB_SAMPLES=${CALIB_SAMPLES:-512}   # one calibration set for every backend: train split, seed $SEED
 MAX_DROP=${MAX_DROP:-1.0}             # top-1 points
 VERIFY_SAMPLES=${VERIFY_SAMPLES:-1000}  # held-out train images the max-drop loop scores recipes on
@@ -69,6 +70,7 @@ KEEP_ARGS=()
 [[ -n "$KEEP_EVERY" ]] && KEEP_ARGS=(--keep-every "$KEEP_EVERY")
 LIMIT_ARGS=()
 [[ -n "$LIMIT" ]] && LIMIT_ARGS=(--limit "$LIMIT")
+[[ -n "$VAL_LIMIT" ]] && LIMIT_ARGS+=(--val-limit "$VAL_LIMIT")
 WIDTH_ARGS=()
 [[ -n "$WIDTH" ]] && WIDTH_ARGS=(--width "$WIDTH")
 EVAL_ARGS=()

@@ -5,7 +5,7 @@
 # same WORK: finished trainings are skipped there, interrupted ones resume).
 #
 #   bash scripts/train_three.sh                                   the report's budget
-#   WORK=/tmp/t3 EPOCHS=1 HS_EPOCHS=1 KEEP_EVERY=1 LIMIT=256 EVAL_LIMIT=200 CALIB_SAMPLES=64 \
+#   WORK=/tmp/t3 EPOCHS=2 HS_EPOCHS=1 KEEP_EVERY=1 LIMIT=256 VAL_LIMIT=100 EVAL_LIMIT=100 CALIB_SAMPLES=64 \
 #     VERIFY_SAMPLES=100 ANALYZE_SAMPLES=100 REPORT=/tmp/t3/report.md bash scripts/train_three.sh
 #                                                                 a smoke run of every command
 # Seconds per epoch on this machine are NOT known for this recipe yet: measure them on a quiet
