@@ -84,6 +84,7 @@ class ArtifactRecord(_Strict):
     calibration: dict[str, Any] | None = None
     classes: list[str] | None = None
     max_drop: dict[str, Any] | None = None
+    int8_fix: dict[str, Any] | None = None  # a named INT8 fix (build --int8-fix) and what it did
     verification: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None  # a measured median (median_ms, threads, iterations) if any
     versions: dict[str, str] = Field(default_factory=dict)

@@ -50,6 +50,7 @@ class BuildRequest:
     max_drop: float | None = None  # int8: largest top-1 drop in points (1.0 = one point)
     weights: str | None = None  # checkpoint that fills the model (or "pretrained" for timm/torchvision)
     accept_partial: bool = False  # accept a fusion that left BatchNorm / branches unfolded
+    int8_fix: str | None = None  # int8: a named fix (deploykit.quant.fixes.INT8_FIXES), no budget needed
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,24 @@ def _fix_quantization(request: BuildRequest, target: str, source: _Source, calib
     return fix.options, fix.to_dict()
 
 
+def _int8_fix(request: BuildRequest, target: str, source: _Source, calib: Any, options: dict[str, Any], work: Path,
+              step: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--int8-fix NAME: rewrite the fused model as the named fix says, re-export, add its backend options."""
+    from deploykit.export import export_onnx
+    from deploykit.quant.fixes import apply_int8_fix
+
+    if source.torch_model is None:
+        raise DeployError("--int8-fix needs a PyTorch model (zoo name or checkpoint), not an .onnx file")
+    if getattr(calib, "synthetic", False):
+        raise DeployError("--int8-fix finds always-zero channels on real calibration data: pass --calib PATH")
+    step(f"int8 fix {request.int8_fix}")
+    fix = apply_int8_fix(request.int8_fix, source.torch_model, calib, backend=target)
+    fixed = work / "model-int8-fix.onnx"
+    export_onnx(fix.model, fixed, input_size=source.input_size, batch=1)
+    source.onnx_path, source.torch_model = fixed, fix.model
+    return {**options, **fix.options}, fix.to_dict()
+
+
 def build(request: BuildRequest, *, progress: Callable[[str], None] | None = None) -> BuildResult:
     """Run the pipeline for ``request``; ``progress(step)`` is called as each step starts."""
     from deploykit.device import device_fingerprint
@@ -233,6 +252,8 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
     precision = request.precision or profile.precision or "fp32"
     check_precision(backend, precision)
     given = {**profile.options, **request.options}
+    if request.int8_fix is not None and precision != "int8":
+        raise UsageError("--int8-fix applies to int8 builds")
     if request.max_drop is not None:
         if precision != "int8":
             raise UsageError("--max-drop applies to int8 builds")
@@ -258,6 +279,10 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
         step("loading calibration data" if precision == "int8" else "loading verification inputs")
         calib = _calibration(request, precision, source.input_size, request.calib_recipe or profile.calib_recipe,
                              warnings)
+        int8_fix_meta = None
+        if request.int8_fix is not None:
+            options, int8_fix_meta = _int8_fix(request, backend.name, source, calib, options, Path(work), step)
+            options = resolve_options(backend.name, backend.options, options, precision)
         max_drop_meta = None
         if request.max_drop is not None and not backend.native_max_drop_option:
             options, max_drop_meta = _fix_quantization(request, backend.name, source, calib, options, threads,
@@ -294,6 +319,7 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
                 # Class names (index = label) when the data is a labeled folder tree.
                 classes=list(calib.classes) if calib.classes else None,
                 max_drop=max_drop_meta,
+                int8_fix=int8_fix_meta,
                 backend=facts,
                 verification=verification,
                 device=device_fingerprint(),

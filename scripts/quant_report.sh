@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates reports/quantization-repvgg-vs-repopt.md (issue #6) from scratch, on this machine:
-#   1. train RepVGG-A0 and RepOpt-VGG-A0 (hyper-search, scales, RepOptimizer) on CIFAR-10 with
-#      the same recipe and epochs, at a reduced width;
+#   1. train RepVGG-A0, RepOpt-VGG-A0 (hyper-search, scales, RepOptimizer) and QARepVGG-A0 on
+#      CIFAR-10 with the same recipe and epochs, at a reduced width (FAST_ARGS: the fast path;
+#      KEEP_EVERY: kept checkpoints, each evaluated FP32 / ORT INT8 per tensor and per channel);
 #   2. fuse; build FP32 and INT8 artifacts on every CPU backend from ONE calibration set (and
 #      TensorRT's Q/DQ ONNX, evaluated on ONNX Runtime: no TensorRT here);
 #   3. top-1 of each on the CIFAR-10 test split; per-layer diagnosis (deploykit analyze);
@@ -13,7 +14,7 @@
 # is the one command that regenerates them (runs/quant-report/train/*/model.safetensors).
 #
 #   bash scripts/quant_report.sh                              the report's budget (see below)
-#   WORK=/tmp/qr EPOCHS=1 HS_EPOCHS=1 LIMIT=512 EVAL_LIMIT=500 CALIB_SAMPLES=128 VERIFY_SAMPLES=200 \
+#   WORK=/tmp/qr EPOCHS=1 HS_EPOCHS=1 LIMIT=512 VAL_LIMIT=200 EVAL_LIMIT=500 CALIB_SAMPLES=128 VERIFY_SAMPLES=200 \
 #     ANALYZE_SAMPLES=200 REPORT=/tmp/qr/report.md bash scripts/quant_report.sh
 #                                                             a smoke run of every command (minutes)
 set -euo pipefail
@@ -39,6 +40,7 @@ BATCH=${BATCH:-128}
 LR=${LR:-0.1}
 WARMUP=${WARMUP:-1}
 LIMIT=${LIMIT:-}          # train on a seeded subset of N images (empty: all 50,000)
+VAL_LIMIT=${VAL_LIMIT:-}  # validate each epoch on a seeded subset of the test split (empty: all 10,000)
 CALIB_SAMPLES=${CALIB_SAMPLES:-512}   # one calibration set for every backend: train split, seed $SEED
 MAX_DROP=${MAX_DROP:-1.0}             # top-1 points
 VERIFY_SAMPLES=${VERIFY_SAMPLES:-1000}  # held-out train images the max-drop loop scores recipes on
@@ -51,13 +53,24 @@ ANALYZE_SAMPLES=${ANALYZE_SAMPLES:-1000}  # held-out train images the per-layer 
 SEC_PER_EPOCH_REPVGG=${SEC_PER_EPOCH_REPVGG:-155}
 SEC_PER_EPOCH_REPOPT_HS=${SEC_PER_EPOCH_REPOPT_HS:-124}
 SEC_PER_EPOCH_REPOPT=${SEC_PER_EPOCH_REPOPT:-88}
+SEC_PER_EPOCH_QAREPVGG=${SEC_PER_EPOCH_QAREPVGG:-$SEC_PER_EPOCH_REPVGG}  # not measured yet: assumed RepVGG's
+FAST_ARGS=${FAST_ARGS:-}        # e.g. "--schedule onecycle --precision auto --ema 0.999 --tta-flip" (scripts/train_three.sh)
+REPVGG_ARGS=${REPVGG_ARGS:-}    # e.g. "--custom-l2" (the official RepVGG recipe)
+KEEP_EVERY=${KEEP_EVERY:-}      # keep every N-th epoch's weights; each is evaluated in section 2b
 IMAGES=${LIMIT:-50000}
-TRAIN_S=$(( (EPOCHS * SEC_PER_EPOCH_REPVGG + HS_EPOCHS * SEC_PER_EPOCH_REPOPT_HS + EPOCHS * SEC_PER_EPOCH_REPOPT) * IMAGES / 50000 ))
-REST_S=2700  # 2 models: 16 builds, 24 test-split evals, 2 analyses, 6 max-drop searches, latency
+TRAIN_S=$(( (EPOCHS * SEC_PER_EPOCH_REPVGG + HS_EPOCHS * SEC_PER_EPOCH_REPOPT_HS + EPOCHS * SEC_PER_EPOCH_REPOPT
+             + EPOCHS * SEC_PER_EPOCH_QAREPVGG) * IMAGES / 50000 ))
+REST_S=4050  # 3 models: 24 builds, 36 test-split evals, 3 analyses, 9 max-drop searches, latency (+ kept checkpoints)
 echo "estimated duration: $(( (TRAIN_S + REST_S) / 60 )) min (training $(( TRAIN_S / 60 )) min) on 2 CPU cores" >&2
 
+MODELS=(${MODELS_TO_RUN:-repvgg repopt qarepvgg})
+read -r -a FAST <<< "$FAST_ARGS"
+read -r -a REPVGG_EXTRA <<< "$REPVGG_ARGS"
+KEEP_ARGS=()
+[[ -n "$KEEP_EVERY" ]] && KEEP_ARGS=(--keep-every "$KEEP_EVERY")
 LIMIT_ARGS=()
 [[ -n "$LIMIT" ]] && LIMIT_ARGS=(--limit "$LIMIT")
+[[ -n "$VAL_LIMIT" ]] && LIMIT_ARGS+=(--val-limit "$VAL_LIMIT")
 WIDTH_ARGS=()
 [[ -n "$WIDTH" ]] && WIDTH_ARGS=(--width "$WIDTH")
 EVAL_ARGS=()
@@ -72,11 +85,16 @@ train() {  # NAME ARGS...: start, resume, or skip a finished run
   local resume=()
   [[ -d $out/checkpoint || -d $out/hs/checkpoint || -d $out/target ]] && resume=(--resume)
   $DK -v train "$@" --cifar "${WIDTH_ARGS[@]}" --data "$DATA" --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$LR" \
-    --warmup-epochs "$WARMUP" --seed "$SEED" --threads "$THREADS" "${LIMIT_ARGS[@]}" --out "$out" "${resume[@]}"
+    --warmup-epochs "$WARMUP" --seed "$SEED" --threads "$THREADS" "${LIMIT_ARGS[@]}" ${FAST[@]+"${FAST[@]}"} \
+    ${KEEP_ARGS[@]+"${KEEP_ARGS[@]}"} --out "$out" ${resume[@]+"${resume[@]}"}
 }
-train repvgg repvgg_a0
+train repvgg repvgg_a0 ${REPVGG_EXTRA[@]+"${REPVGG_EXTRA[@]}"}
 train repopt repopt_vgg_a0 --repopt --hs-epochs "$HS_EPOCHS"
-declare -A CKPT=([repvgg]=$WORK/train/repvgg/model.safetensors [repopt]=$WORK/train/repopt/target/model.safetensors)
+train qarepvgg qarepvgg_a0
+declare -A CKPT=([repvgg]=$WORK/train/repvgg/model.safetensors [repopt]=$WORK/train/repopt/target/model.safetensors
+                 [qarepvgg]=$WORK/train/qarepvgg/model.safetensors)
+declare -A KEPT=([repvgg]=$WORK/train/repvgg/checkpoints [repopt]=$WORK/train/repopt/target/checkpoints
+                 [qarepvgg]=$WORK/train/qarepvgg/checkpoints)
 
 # --- 2. fuse, build, evaluate -------------------------------------------------------------
 # name | target | precision | options
@@ -95,7 +113,7 @@ evaluate() {  # SUBJECT NAME: top-1 on the whole test split
     mv "$WORK/eval/$2.json.tmp" "$WORK/eval/$2.json"
   fi
 }
-for m in repvgg repopt; do
+for m in "${MODELS[@]}"; do
   [[ -f $WORK/fused/$m.safetensors ]] || $DK fuse "${CKPT[$m]}" --out "$WORK/fused/$m.safetensors" \
     --report "$WORK/fused/$m-certificate.json"
   evaluate "${CKPT[$m]}" "$m-torch-fp32"
@@ -116,8 +134,24 @@ for m in repvgg repopt; do
   evaluate "$out/model.int8.onnx" "$m-tensorrt-int8-qdq"
 done
 
+# --- 2b. the INT8 drop over training: every kept checkpoint, FP32 and ORT INT8 (same calibration) -----
+for m in "${MODELS[@]}"; do
+  for ckpt in "${KEPT[$m]}"/epoch-*.safetensors; do
+    [[ -f $ckpt ]] || continue
+    epoch=$(basename "$ckpt" .safetensors)
+    evaluate "$ckpt" "$m-$epoch-torch-fp32"
+    for spec in "onnxruntime-int8-tensor|per_channel=false" "onnxruntime-int8-channel|per_channel=true"; do
+      IFS='|' read -r name option <<< "$spec"
+      out=$WORK/build/$m-$epoch-$name
+      [[ -f $out/build.json ]] || $DK build "$ckpt" --target onnxruntime --precision int8 "${CALIB[@]}" \
+        --threads "$THREADS" --option "$option" --out "$out"
+      evaluate "$out" "$m-$epoch-$name"
+    done
+  done
+done
+
 # --- 3. diagnosis -----------------------------------------------------------------------------
-for m in repvgg repopt; do
+for m in "${MODELS[@]}"; do
   [[ -f $WORK/analysis/$m/analysis.json ]] || $DK analyze "${CKPT[$m]}" "${CALIB[@]}" \
     --verify-samples "$ANALYZE_SAMPLES" --test-data "$DATA" ${EVAL_LIMIT:+--test-limit "$EVAL_LIMIT"} --out "$WORK/analysis/$m"
 done
@@ -125,8 +159,18 @@ done
 # --- 4. the max-drop fix and its latency cost ------------------------------------------------
 # ONNX Runtime starts from per-tensor weights (its plain int8 build above), the others from
 # their defaults; recipes are scored on held-out *train* images, the test split stays unseen.
+# The named fix (--int8-fix repvgg: zero dead-channel weights, per-channel, CLE, bias correction)
+# needs no budget; it is built and evaluated on every backend too.
+for m in "${MODELS[@]}"; do
+  for target in onnxruntime openvino mnn; do
+    out=$WORK/maxdrop/$m-$target-fix
+    [[ -f $out/build.json ]] || $DK build "${CKPT[$m]}" --target "$target" --precision int8 "${CALIB[@]}" \
+      --int8-fix repvgg --threads "$THREADS" --out "$out"
+    evaluate "$out" "$m-fix-$target"
+  done
+done
 MAXDROP=("onnxruntime|per_channel=false" "openvino|" "mnn|")
-for m in repvgg repopt; do
+for m in "${MODELS[@]}"; do
   for spec in "${MAXDROP[@]}"; do
     IFS='|' read -r target option <<< "$spec"
     out=$WORK/maxdrop/$m-$target

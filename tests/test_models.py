@@ -20,7 +20,7 @@ IMAGENET_FORWARD_MAX_PARAMS = 15e6
 
 def test_zoo_has_every_family() -> None:
     families = {get_entry(n).family for n in MODELS}
-    assert families == {"repvgg", "repopt", "convnext", "ghostnet", "g_ghost"}
+    assert families == {"repvgg", "qarepvgg", "repopt", "convnext", "ghostnet", "g_ghost"}
 
 
 @pytest.mark.parametrize("name", MODELS)

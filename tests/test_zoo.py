@@ -33,8 +33,8 @@ def test_deploy_form_is_equivalent_with_randomized_bn(cifar_model) -> None:
     with torch.no_grad():
         ref, got = model(x), result.model(x)
     assert ((ref - got).abs().max() / ref.abs().max()).item() <= 1e-4
-    if get_entry(name).family == "repvgg":
-        # RepVGG's deploy form is a plain VGG: no BN, no parallel branches left.
+    if get_entry(name).family in ("repvgg", "qarepvgg"):
+        # RepVGG's and QARepVGG's deploy form is a plain VGG: no BN, no parallel branches left.
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())
 
 

@@ -69,6 +69,9 @@ def _logs_to(console: Any) -> Iterator[None]:
               help="Target option, repeatable; valid keys: `deploykit targets --json`.")
 @click.option("--max-drop", type=float, default=None, help="int8: largest top-1 drop in points (1.0 = one point): openvino uses NNCF accuracy control; "
                    "onnxruntime/mnn try per-channel, equalization, bias correction, then float layers.")
+@click.option("--int8-fix", type=click.Choice(["zero-dead", "repvgg"]), default=None,
+              help="int8, no budget needed: zero-dead = zero the weights on always-zero input channels (exact); "
+                   "repvgg = zero-dead + per-channel + cross-layer equalization + bias correction.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (zoo, timm, torchvision).")
 @click.option("--weights", default=None, metavar="FILE|pretrained", help=WEIGHTS_HELP)
 @click.option("--accept-partial", is_flag=True, help=ACCEPT_PARTIAL_HELP)
@@ -82,7 +85,7 @@ def _logs_to(console: Any) -> Iterator[None]:
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 def build(model: str, target: str, precision: str | None, calib: str | None, calib_recipe: str | None,
           calib_samples: int | None, verify_samples: int, seed: int | None, out: Path | None, threads: int | None,
-          options: tuple[str, ...], max_drop: float | None, num_classes: int | None, cifar: bool | None,
+          options: tuple[str, ...], max_drop: float | None, int8_fix: str | None, num_classes: int | None, cifar: bool | None,
           input_size: int | None, weights: str | None, accept_partial: bool, emit_only: bool,
           advice: Path | None, force: bool) -> None:
     """Build a verified artifact for TARGET from MODEL (zoo name, timm:NAME, torchvision:NAME, file.py:factory,
@@ -111,7 +114,7 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
         model=model, target=target, precision=precision, calib=calib, calib_recipe=calib_recipe,
         calib_samples=calib_samples, out=out, threads=threads, options=parsed, force=force,
         num_classes=num_classes, cifar=cifar, input_size=input_size, verify_samples=verify_samples, seed=seed,
-        max_drop=max_drop, weights=weights, accept_partial=accept_partial,
+        max_drop=max_drop, weights=weights, accept_partial=accept_partial, int8_fix=int8_fix,
     )
     console = _stderr_console()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())

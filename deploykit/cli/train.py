@@ -83,6 +83,17 @@ def _progress_ui(console: Any) -> Any:
               "with the RepOptimizer.")
 @click.option("--hs-epochs", type=click.IntRange(min=1), default=None,
               help="--repopt: hyper-search epochs (default: --epochs).")
+@click.option("--custom-l2", is_flag=True,
+              help="RepVGG: the official recipe's weight decay on the equivalent kernel instead of plain L2.")
+@click.option("--schedule", type=click.Choice(["cosine", "onecycle"]), default="cosine", show_default=True,
+              help="cosine to 0 after --warmup-epochs, or one-cycle (linear up to the peak, linear down to 0).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+              help="Autocast: auto = bf16 where the CPU reports avx512_bf16/amx_bf16 (or the GPU has bf16).")
+@click.option("--ema", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="EMA decay of the weights (e.g. 0.999): the average is validated, kept and saved.")
+@click.option("--tta-flip", is_flag=True, help="Validate on the logits of each image plus its mirror image.")
+@click.option("--keep-every", type=click.IntRange(min=1), default=None,
+              help="Also keep the weights of every N-th epoch (and the last) in OUT/checkpoints/.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Start over, replacing the run in --out.")
 def train(model: str, data: str, out: Path, epochs: int, batch_size: int, lr: float, weight_decay: float,
@@ -90,7 +101,8 @@ def train(model: str, data: str, out: Path, epochs: int, batch_size: int, lr: fl
           limit: int | None,
           val_limit: int | None, split: str, val_split: str, num_classes: int | None, cifar: bool,
           width: float | None, input_size: int | None, recipe: str | None, repopt: bool, hs_epochs: int | None,
-          resume: bool, force: bool) -> None:
+          custom_l2: bool, schedule: str, precision: str, ema: float | None, tta_flip: bool,
+          keep_every: int | None, resume: bool, force: bool) -> None:
     """Train zoo MODEL on a labeled image folder: SGD with Nesterov momentum, cosine schedule,
     label smoothing, random-crop and flip augmentation; seeded and deterministic.
 
@@ -102,6 +114,8 @@ def train(model: str, data: str, out: Path, epochs: int, batch_size: int, lr: fl
     Examples:
       deploykit train repvgg_a0 --cifar --data ../shared/data/cifar10-jpeg.tar.gz --epochs 30 --out runs/repvgg
       deploykit train repopt_vgg_a0 --repopt --cifar --data data/cifar10 --epochs 30 --out runs/repopt
+      deploykit train qarepvgg_a0 --cifar --data data/cifar10 --epochs 20 --schedule onecycle --precision auto \\
+          --ema 0.999 --tta-flip --keep-every 5 --out runs/qarepvgg
     """
     from rich.console import Console
 
@@ -130,7 +144,8 @@ def train(model: str, data: str, out: Path, epochs: int, batch_size: int, lr: fl
     spec_fields = {"num_classes": num_classes or len(train_data.classes), "cifar": cifar, **kwargs}
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, seed=seed, threads=threads,
-                         limit=limit, val_limit=val_limit, device=device)
+                         limit=limit, val_limit=val_limit, device=device, custom_l2=custom_l2, schedule=schedule,
+                         precision=precision, ema=ema, tta_flip=tta_flip, keep_every=keep_every)
     console = Console(stderr=True)
     console.print(f"training on {len(train_data)} images from {train_data.description}"
                   + (f", validating on {len(val_data)} from {val_data.description}" if val_data else ""))

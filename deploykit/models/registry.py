@@ -58,7 +58,7 @@ def register_model(
 
 def _load_families() -> None:
     # Importing the family modules registers their factories.
-    from deploykit.models import convnext, g_ghost, ghostnet, repopt, repvgg  # noqa: F401
+    from deploykit.models import convnext, g_ghost, ghostnet, qarepvgg, repopt, repvgg  # noqa: F401
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -90,7 +90,10 @@ class RepVGGBlock(nn.Module):
 
 
 class RepVGG(nn.Module):
-    """Five stages of RepVGG blocks, global average pooling and a linear classifier."""
+    """Five stages of RepVGG blocks, global average pooling and a linear classifier.
+
+    ``block``: the block class (QARepVGG reuses the layout with its own block).
+    """
 
     def __init__(
         self,
@@ -100,6 +103,7 @@ class RepVGG(nn.Module):
         groups: int = 1,
         cifar: bool = False,
         width: float = 1.0,
+        block: type[nn.Module] = RepVGGBlock,
     ) -> None:
         super().__init__()
         self.default_input_size = 32 if cifar else 224
@@ -110,7 +114,7 @@ class RepVGG(nn.Module):
             blocks = []
             for in_channels, out_channels, stride in stage_plan:
                 g = groups if layer in GROUPWISE_LAYERS else 1
-                blocks.append(RepVGGBlock(in_channels, out_channels, stride, g))
+                blocks.append(block(in_channels, out_channels, stride, g))
                 layer += 1
             stages.append(blocks[0] if len(stages) == 0 else nn.Sequential(*blocks))
         self.stage0, self.stage1, self.stage2, self.stage3, self.stage4 = stages

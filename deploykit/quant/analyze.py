@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from deploykit.errors import DeployError
+from deploykit.quant.causes import LayerCauses, layer_causes
 from deploykit.quant.fakequant import (
     ActRange, FakeQuantLayer, calibrate_ranges, fake_quant_activation, fake_quant_weight, fake_quantize,
     observe_inputs, predict, quantizable_layers, set_submodule, sqnr_db,
@@ -42,6 +43,7 @@ ACT_SPREAD_EQUALIZE = 8.0  # input channels whose ranges differ this much waste 
 BIAS_SHIFT_CORRECT = 0.05  # an output mean moved by 5% of its std: bias correction removes it
 LOGIT_SQNR_OK_DB = 30.0  # a layer that alone keeps the logits above this (and top-1) does no real damage
 FIXES = {
+    "zero_dead": "zero the weights on always-zero input channels (exact)",
     "per_channel": "per-channel weight scales",
     "equalize": "cross-layer equalization with the previous layer",
     "bias_correction": "bias correction",
@@ -94,6 +96,7 @@ class LayerReport:
     top1_drop: float | None = None  # points, this layer alone quantized
     previous: str | None = None  # the layer feeding this one through a ReLU (CLE partner), if any
     fixes: list[str] = field(default_factory=list)
+    causes: LayerCauses | None = None  # BN |gamma|/sigma, dead inputs, range spread (deploykit.quant.causes)
 
     @property
     def fix(self) -> str:
@@ -242,6 +245,8 @@ def _previous_layers(model: nn.Module) -> dict[str, str]:
 
 def _suggest(layer: LayerReport) -> list[str]:
     fixes = []
+    if layer.causes is not None and "dead_weights" in layer.causes.causes:
+        fixes.append("zero_dead")
     if (layer.weight_sqnr_tensor_db < WEIGHT_SQNR_OK_DB
             and layer.weight_sqnr_channel_db - layer.weight_sqnr_tensor_db >= PER_CHANNEL_GAIN_DB):
         fixes.append("per_channel")
@@ -282,6 +287,7 @@ def analyze(
     fp_top1 = _top1(fp_logits, reference)
     acts = _activation_figures(model, evaluation, ranges, batch_size)
     previous = _previous_layers(model)
+    causes = layer_causes(model, calibration, layers, sources=sources, train_model=train_model, batch_size=batch_size)
     reports = []
     for layer_name, layer in layers.items():
         kind = "linear" if isinstance(layer, nn.Linear) else f"conv{layer.kernel_size[0]}x{layer.kernel_size[1]}"
@@ -289,7 +295,7 @@ def analyze(
         report = LayerReport(
             name=layer_name, kind=kind, shape=list(layer.weight.shape), sources=(sources or {}).get(layer_name, []),
             kernel=KernelStats.of([layer.weight]), act_range=[ranges[layer_name].low, ranges[layer_name].high],
-            previous=previous.get(layer_name), **figures, **acts[layer_name],
+            previous=previous.get(layer_name), causes=causes[layer_name], **figures, **acts[layer_name],
         )
         probed = fake_quantize(model, ranges, layers=[], per_channel=per_channel)
         probe = _Probe(layer, ranges[layer_name], per_channel=per_channel)

@@ -5,6 +5,7 @@ each on labeled validation samples, trying in order (each step kept only if it l
 drop, and the search stops at the first step within budget):
 
 1. the backend's defaults (``base_options``);
+1b. weights on always-zero input channels set to zero (``deploykit.quant.dead_channels``; exact);
 2. per-channel weight scales (where the backend has a switch; others always use them);
 3. cross-layer equalization of conv -> ReLU -> conv pairs (``deploykit.quant.equalize``);
 4. bias correction (the backend's own where it has one, else deploykit's in PyTorch);
@@ -42,6 +43,7 @@ class Recipe:
     """What is applied: backend options plus model rewrites and float layers."""
 
     options: dict[str, Any] = field(default_factory=dict)
+    zero_dead: bool = False  # weights on always-zero input channels set to 0 (first rewrite)
     equalize: bool = False
     bias_correction: bool = False  # deploykit's PyTorch correction
     float_layers: list[str] = field(default_factory=list)  # PyTorch module names kept in float
@@ -117,7 +119,7 @@ class _Trial:
                  threads: int, work: Path, input_size: int) -> None:
         self.model, self.backend, self.calibration = model, backend, calibration
         self.inputs, self.labels, self.threads, self.work, self.input_size = inputs, labels, threads, work, input_size
-        self.exports: dict[tuple[bool, bool, bool], tuple[Any, Path]] = {}
+        self.exports: dict[tuple[bool, ...], tuple[Any, Path]] = {}
         self.count = 0
 
     def rewritten(self, recipe: Recipe, per_channel: bool) -> tuple[Any, Path]:
@@ -125,11 +127,15 @@ class _Trial:
         from deploykit.quant.equalize import correct_bias, equalize
 
         # Bias correction depends on the weight scheme it corrects for.
-        key = (recipe.equalize, recipe.bias_correction, per_channel and recipe.bias_correction)
+        key = (recipe.zero_dead, recipe.equalize, recipe.bias_correction, per_channel and recipe.bias_correction)
         if key not in self.exports:
             import torch
 
             model = self.model
+            if recipe.zero_dead:
+                from deploykit.quant.dead_channels import zero_dead_weights
+
+                model = zero_dead_weights(model, self.calibration.inputs).model
             if recipe.equalize:
                 example = torch.from_numpy(np.ascontiguousarray(self.calibration.inputs[:8], dtype=np.float32))
                 model, _ = equalize(model, example=example)
@@ -246,6 +252,13 @@ def fix_quantization(
             return drop <= max_drop
 
         done = attempt("baseline", "backend defaults", best)
+        if not done:
+            from deploykit.quant.dead_channels import dead_inputs
+
+            dead = {k: int(v.sum()) for k, v in dead_inputs(model, calibration.inputs).items() if v.any()}
+            done = attempt("zero_dead", f"zero the weights on dead input channels ({len(dead)} layers)",
+                           best.with_(zero_dead=True) if dead else None,
+                           skipped=None if dead else "no input channel is always zero on the calibration set")
         if not done:
             if knobs.per_channel is None:
                 attempt("per_channel", "per-channel weights", None,

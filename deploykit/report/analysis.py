@@ -12,6 +12,7 @@ from typing import Any
 
 from deploykit.files import atomic_dir
 from deploykit.quant.analyze import FIXES, Analysis
+from deploykit.quant.causes import CAUSES
 
 # Quoted from the RepOptimizers paper (Ding et al., ICLR 2023; ImageNet-trained B1 models):
 # std of 3x3 kernels overall / centre / surrounding. Shown beside ours, never mixed with them.
@@ -84,8 +85,8 @@ def to_markdown(analysis: Analysis, *, top: int = 10) -> str:
         f"## Layers that hurt most (each quantized alone, {scheme} weights)",
         "",
         "| rank | layer | fused from | logit SQNR (dB) | top-1 drop (pts) | weight SQNR tensor / channel (dB) "
-        "| input SQNR (dB) | input channel spread | bias shift | suggested fix |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| input SQNR (dB) | input channel spread | bias shift | cause | suggested fix |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for rank, name in enumerate(analysis.ranking[:top], 1):
         layer = by_name[name]
@@ -97,8 +98,9 @@ def to_markdown(analysis: Analysis, *, top: int = 10) -> str:
             f"| {rank} | `{name}` | {sources} | {_num(layer.logit_sqnr_db, 1)} | {_num(layer.top1_drop)} | "
             f"{_num(layer.weight_sqnr_tensor_db, 1)} / {_num(layer.weight_sqnr_channel_db, 1)} | "
             f"{_num(layer.act_sqnr_db, 1)} | {_num(layer.act_channel_spread, 1)} | {_num(layer.bias_shift, 3)} | "
-            f"{fix} |"
+            f"{_causes(layer)} | {fix} |"
         )
+    lines += _causes_table(analysis)
     lines += [
         "",
         "## Weight statistics, every layer",
@@ -117,6 +119,45 @@ def to_markdown(analysis: Analysis, *, top: int = 10) -> str:
         )
     lines += ["", "Histograms: `weights.png` and `activations.png` (the ranked layers above).", ""]
     return "\n".join(lines)
+
+
+def _causes(layer: Any) -> str:
+    found = layer.causes.causes if layer.causes is not None else []
+    return "; ".join(CAUSES[c] for c in found) or "-"
+
+
+def _channels(channels: list[int]) -> str:
+    return ", ".join(map(str, channels)) or "-"
+
+
+def _causes_table(analysis: Analysis) -> list[str]:
+    """BN |gamma|/sigma extremes, dead input channels and their weights, range spread: every layer."""
+    lines = [
+        "",
+        "## Causes, every layer",
+        "",
+        "BN |gamma|/sigma of every BN folded into the layer (sigma = sqrt(running var + eps); the QARepVGG "
+        "paper saw 692 and 1477 in RepVGG-A0). Dead inputs: input channels exactly 0 on every calibration "
+        "sample; the weights on them do nothing in FP32 but widen the int8 range of their output channel "
+        "by the inflation shown.",
+        "",
+        "| layer | max \|gamma\|/sigma (BN: channels) | min \|gamma\|/sigma (BN: channels) | dead inputs "
+        "(channels) | max \|w\| on dead / live inputs | range inflation (outputs) | channel range spread | cause |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for layer in analysis.layers:
+        c = layer.causes
+        if c is None:
+            continue
+        high = f"{_num(c.bn_max_ratio, 1)} (`{c.bn_max_module}`: {_channels(c.bn_max_channels)})" if c.bn_max_module else "-"
+        low = f"{_num(c.bn_min_ratio, 3)} (`{c.bn_min_module}`: {_channels(c.bn_min_channels)})" if c.bn_min_module else "-"
+        more = "..." if c.dead_inputs > len(c.dead_channels) else ""
+        dead = f"{c.dead_inputs} ({_channels(c.dead_channels)}{more})" if c.dead_inputs else "0"
+        weights = f"{_num(c.dead_weight_absmax, 3)} / {_num(c.live_weight_absmax, 3)}" if c.dead_inputs else "-"
+        inflation = f"{_num(c.dead_range_inflation, 1)} ({c.dead_inflated_outputs})" if c.dead_inputs else "-"
+        lines.append(f"| `{layer.name}` | {high} | {low} | {dead} | {weights} | {inflation} | "
+                     f"{_num(c.range_spread, 1)} | {_causes(layer)} |")
+    return lines
 
 
 def _histograms(model: Any, names: list[str], inputs: Any, weights_png: Path, activations_png: Path) -> None:

@@ -25,7 +25,11 @@ import numpy as np
 
 from deploykit.report.analysis import PAPER_KERNEL_STD
 
-MODELS = {"repvgg": "RepVGG-A0 (fused)", "repopt": "RepOpt-VGG-A0"}
+MODELS = {"repvgg": "RepVGG-A0 (fused)", "repopt": "RepOpt-VGG-A0", "qarepvgg": "QARepVGG-A0 (fused)"}
+# The kept checkpoint of each run (deploykit train --keep-every), below WORK/train/.
+KEPT = {"repvgg": "repvgg/checkpoints", "repopt": "repopt/target/checkpoints", "qarepvgg": "qarepvgg/checkpoints"}
+TREND_SCHEMES = (("torch-fp32", "PyTorch FP32"), ("onnxruntime-int8-tensor", "ORT INT8 per-tensor"),
+                 ("onnxruntime-int8-channel", "ORT INT8 per-channel"))
 SCHEMES = [  # (eval/build name, backend, scheme)
     ("onnxruntime-fp32", "onnxruntime", "FP32"),
     ("onnxruntime-int8-tensor", "onnxruntime", "INT8 per-tensor weights"),
@@ -79,7 +83,8 @@ def _training(work: Path) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|"]
     runs = [("repvgg", "SGD", work / "train/repvgg/train.json"),
             ("repopt", "hyper-search (trainable scales)", work / "train/repopt/hs/train.json"),
-            ("repopt", "target, RepOptimizer", work / "train/repopt/target/train.json")]
+            ("repopt", "target, RepOptimizer", work / "train/repopt/target/train.json"),
+            ("qarepvgg", "SGD (plain L2)", work / "train/qarepvgg/train.json")]
     settings = None
     for model, stage, path in runs:
         summary = _load(path)
@@ -247,7 +252,7 @@ PAPER_DROPS = {"repvgg": (78.4, 54.55), "repopt": (78.47, 75.89)}  # RepOptimize
 def _summary(work: Path, table: dict[str, dict[str, float | None]]) -> list[str]:
     """The verdict on the paper's claim, computed from the measured drops (never typed)."""
     lines = ["## Summary", ""]
-    fp32 = {m: table[m].get("fp32") for m in MODELS}
+    fp32 = {m: table[m].get("fp32") for m in ("repvgg", "repopt")}  # the paper's claim compares these two
     if None in fp32.values():
         return lines + [f"FP32 accuracy {NOT_MEASURED}: no verdict.", ""]
     lines.append(f"- FP32 top-1: {MODELS['repvgg']} {_pct(fp32['repvgg'])}%, {MODELS['repopt']} "
@@ -292,20 +297,56 @@ MECHANISM = [  # (analysis layer key, label): medians over the model's layers
 ]
 
 
+def _named_fix(work: Path, table: dict[str, dict[str, float | None]]) -> list[str]:
+    """deploykit build --int8-fix repvgg (no budget): top-1 per backend (eval/MODEL-fix-TARGET.json)."""
+    rows = []
+    for model, label in MODELS.items():
+        fp32 = table.get(model, {}).get("fp32")
+        for target in TARGETS:
+            value = _top1(work, f"{model}-fix-{target}")
+            if value is not None:
+                rows.append(f"| {label} | {target} | {_pct(value)} | {_drop(fp32, value)} |")
+    if not rows:
+        return []
+    return ["## The named fix, no budget (`--int8-fix repvgg`)", "",
+            "Weights on always-zero input channels zeroed (exact on the calibration set), per-channel weights, "
+            "cross-layer equalization, bias correction.", "",
+            "| model | backend | top-1 (%) | drop vs PyTorch FP32 (points) |", "|---|---|---:|---:|", *rows, ""]
+
+
+def _trend(work: Path) -> list[str]:
+    """Top-1 of every kept checkpoint (eval/MODEL-epoch-NNN-SCHEME.json): how the INT8 drop grows with training."""
+    rows = []
+    for model, label in MODELS.items():
+        for kept in sorted((work / "train" / KEPT[model]).glob("epoch-*.safetensors")):
+            epoch = kept.stem
+            values = [_top1(work, f"{model}-{epoch}-{name}") for name, _ in TREND_SCHEMES]
+            fp32 = values[0]
+            cells = [_pct(fp32)] + [f"{_pct(v)} ({_drop(fp32, v)})" for v in values[1:]]
+            rows.append(f"| {label} | {int(epoch.split('-')[1])} | {' | '.join(cells)} |")
+    if not rows:
+        return []
+    header = " | ".join(f"{text} (%)" if i == 0 else f"{text} (%, drop)" for i, (_, text) in enumerate(TREND_SCHEMES))
+    return ["## The INT8 drop over training (kept checkpoints, CIFAR-10 test split)", "",
+            f"| model | epoch | {header} |", "|---|---:|" + "---:|" * len(TREND_SCHEMES), *rows, ""]
+
+
 def _mechanism(work: Path) -> list[str]:
     """Weight statistics behind the drops: medians over layers, and the whole model's INT8 logit SQNR."""
-    analyses = {m: _load(work / f"analysis/{m}/analysis.json") for m in MODELS}
-    if None in analyses.values():
+    loaded = {m: _load(work / f"analysis/{m}/analysis.json") for m in MODELS}
+    analyses = {m: a for m, a in loaded.items() if a is not None}
+    if "repvgg" not in analyses or "repopt" not in analyses:
         return []
     lines = ["", "What the diagnosis measures behind these drops (`deploykit analyze`, median over the "
              "model's conv/linear layers; logit SQNR: the whole model fake-quantized):", "",
-             f"| statistic | {' | '.join(MODELS.values())} |", "|---|---:|---:|"]
+             f"| statistic | {' | '.join(MODELS[m] for m in analyses)} |", "|---|---:|---:|"]
     for key, label in MECHANISM:
         cells = []
         for analysis in analyses.values():
             values = [float(layer[key]) for layer in analysis["layers"] if layer.get(key) is not None]
             cells.append(f"{float(np.median(values)):.2f}" if values else NOT_MEASURED)
         lines.append(f"| {label} | {' | '.join(cells)} |")
+    lines[4] = "|---|" + "---:|" * len(analyses)
     for scheme in ("per_tensor", "per_channel"):
         cells = [f"{float(a['int8_logit_sqnr_db'][scheme]):.1f}" for a in analyses.values()]
         lines.append(f"| INT8 logit SQNR, {scheme.replace('_', '-')} weights (dB) | {' | '.join(cells)} |")
@@ -333,12 +374,14 @@ def _chart(table: dict[str, dict[str, float | None]], path: Path) -> bool:
     names = [n for n, _, _ in SCHEMES if not n.endswith("-fp32")]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     drawn = False
-    for offset, (model, label) in zip((-0.2, 0.2), MODELS.items()):
+    width = 0.8 / len(MODELS)
+    for k, (model, label) in enumerate(MODELS.items()):
+        offset = (k - (len(MODELS) - 1) / 2) * width
         fp32 = table[model].get("fp32")
         drops = [100 * (fp32 - table[model][n]) if fp32 is not None and table[model].get(n) is not None else 0.0
                  for n in names]
         drawn |= any(drops)
-        ax.bar([i + offset for i in range(len(names))], drops, width=0.4, label=label)
+        ax.bar([i + offset for i in range(len(names))], drops, width=width, label=label)
     ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
     ax.set_ylabel("top-1 drop (points)")
     ax.legend()
@@ -358,9 +401,11 @@ def render(work: Path, out: Path, script: Path | None) -> str:
     if _chart(table, chart):
         lines += [f"![top-1 drop per scheme]({chart.name})", ""]
     copied = _copy_analysis(work, out.with_suffix(""))
-    lines += _kernels(work) + _diagnosis(work, copied) + _max_drop(work, table)
+    lines += _trend(work) + _kernels(work) + _diagnosis(work, copied) + _max_drop(work, table)
+    lines += _named_fix(work, table)
     lines += ["## Checkpoints", "", "Not shipped: `bash scripts/quant_report.sh` regenerates them "
-              f"(`{work}/train/repvgg/model.safetensors`, `{work}/train/repopt/target/model.safetensors`).", ""]
+              f"(`{work}/train/repvgg/model.safetensors`, `{work}/train/repopt/target/model.safetensors`, "
+              f"`{work}/train/qarepvgg/model.safetensors`; kept epochs in their `checkpoints/`).", ""]
     if script is not None and script.is_file():
         lines += ["## Commands", "", "```bash", script.read_text().rstrip(), "```", ""]
     return "\n".join(lines)

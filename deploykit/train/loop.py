@@ -69,12 +69,28 @@ class TrainConfig:
     val_limit: int | None = None
     eval_batch_size: int = 256
     device: str = "cpu"  # "cuda" on a GPU machine; the data stays in host memory
+    # The fast path (deploykit.train.fast) and the official RepVGG recipe's decay; all off by default.
+    custom_l2: bool = False  # RepVGG: weight decay on the equivalent kernel (deploykit.train.custom_l2)
+    schedule: str = "cosine"  # or "onecycle"
+    precision: str = "fp32"  # autocast: "fp32", "bf16", or "auto" (bf16 where the CPU/GPU has bf16 units)
+    ema: float | None = None  # decay of an EMA of the weights (e.g. 0.999); evaluated and saved instead
+    tta_flip: bool = False  # evaluate on the mean of the logits of x and its mirror image
+    keep_every: int | None = None  # keep the evaluated weights of every N-th epoch in checkpoints/
 
     def __post_init__(self) -> None:
+        from deploykit.train.fast import PRECISIONS, SCHEDULES
+
         if self.epochs < 1 or self.batch_size < 1 or self.threads < 1:
             raise DeployError("epochs, batch size and threads must be positive")
         if not (self.lr > 0 and 0 <= self.label_smoothing < 1 and self.weight_decay >= 0):
             raise DeployError("need lr > 0, 0 <= label smoothing < 1, weight decay >= 0")
+        if self.schedule not in SCHEDULES or self.precision not in PRECISIONS:
+            raise DeployError(f"schedule must be one of {', '.join(SCHEDULES)} and precision one of "
+                              f"{', '.join(PRECISIONS)}; got {self.schedule!r}, {self.precision!r}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise DeployError(f"--ema decay must be between 0 and 1 (e.g. 0.999), not {self.ema}")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise DeployError("--keep-every must be a positive number of epochs")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,9 +136,12 @@ def zoo_model(spec: dict[str, Any]) -> nn.Module:
     return create_model(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay conv and linear weights only (BN, biases, RepOpt scales are not decayed)."""
-    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()) -> list[dict[str, Any]]:
+    """Decay conv and linear weights only (BN, biases, RepOpt scales are not decayed).
+
+    ``exclude``: ids of weights decayed otherwise (the custom L2 covers RepVGG's branch kernels).
+    """
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))} - set(exclude)
     params = [p for p in model.parameters() if p.requires_grad]
     return [
         {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
@@ -131,10 +150,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_optimizer(
-    model: nn.Module, config: TrainConfig, scales: dict[str, torch.Tensor] | None
+    model: nn.Module, config: TrainConfig, scales: dict[str, torch.Tensor] | None, exclude: set[int] = frozenset()
 ) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum; with ``scales``, the RepOptimizer those scales define."""
-    groups = param_groups(model, config.weight_decay)
+    groups = param_groups(model, config.weight_decay, exclude)
     if scales is None:
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     from deploykit.models.repopt import RepOptimizer
@@ -152,8 +171,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int) -> Any:
+    from deploykit.train.fast import onecycle_factor
+
     total, warmup = config.epochs * steps, round(config.warmup_epochs * steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    factor = onecycle_factor if config.schedule == "onecycle" else lr_factor
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s, total, warmup))
 
 
 def set_determinism(seed: int, threads: int, device: str = "cpu") -> None:
@@ -176,14 +198,16 @@ def _to(x: torch.Tensor, device: str) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_top1(
-    model: nn.Module, data: ImageSet, normalize: Normalizer, batch_size: int, device: str = "cpu"
+    model: nn.Module, data: ImageSet, normalize: Normalizer, batch_size: int, device: str = "cpu", *,
+    flip: bool = False, precision: str = "fp32",
 ) -> float:
-    was_training = model.training
-    model.eval()
+    """Top-1 on ``data``; ``flip``: test-time augmentation with the mirror image."""
+    from deploykit.train.fast import autocast, evaluating, logits_with_flip
+
     correct = 0
-    for x, y in eval_batches(data, normalize, batch_size):
-        correct += int((model(_to(x, device)).argmax(1).cpu() == y).sum())
-    model.train(was_training)
+    with evaluating(model), autocast(precision, device):
+        for x, y in eval_batches(data, normalize, batch_size):
+            correct += int((logits_with_flip(model, _to(x, device), flip).argmax(1).cpu() == y).sum())
     return correct / max(1, len(data))
 
 
@@ -250,11 +274,21 @@ def train(
 
         initialize_from_scales(model, scales)
     model = model.to(config.device)
-    optimizer = make_optimizer(model, config, scales)
+    from deploykit.train import fast
+
+    penalty = None
+    if config.custom_l2:
+        from deploykit.train.custom_l2 import CustomL2
+
+        penalty = CustomL2(model)
+    precision = fast.resolve_precision(config.precision, config.device)
+    optimizer = make_optimizer(model, config, scales, penalty.kernels() if penalty else frozenset())
     scheduler = make_scheduler(optimizer, config, steps)
     normalize = Normalizer(preprocessing)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
+    ema = fast.make_ema(model, config.ema) if config.ema is not None else None
+    evaluated = ema.module if ema is not None else model  # what is validated, kept and saved
     epoch, step, train_seconds, history, running = 0, 0, 0.0, [], {"loss": 0.0, "correct": 0, "seen": 0}
     if resume:
         model_state, tensors, saved = load_state(out)
@@ -263,6 +297,8 @@ def train(
         optimizer.load_state_dict(optimizer_state(tensors, saved))
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
+        if ema is not None:
+            fast.load_ema(ema, tensors, out)
         epoch, step, train_seconds = saved["epoch"], saved["step"], saved["train_seconds"]
         history, running = [EpochRecord(**r) for r in saved["history"]], saved["running"]
         logger.info("resuming %s at epoch %d step %d", out, epoch + 1, step)
@@ -276,8 +312,9 @@ def train(
     def save(at_epoch: int, at_step: int) -> None:
         meta = {"epoch": at_epoch, "step": at_step, "train_seconds": train_seconds, "config": config.to_dict(),
                 "spec": spec, "history": [asdict(r) for r in history], "running": running,
-                "preprocessing": preprocessing.to_dict(), "scales": scales is not None}
-        save_state(out, model=model, spec=spec, optimizer=optimizer, scheduler=scheduler, meta=meta)
+                "preprocessing": preprocessing.to_dict(), "scales": scales is not None, "precision": precision}
+        save_state(out, model=model, spec=spec, optimizer=optimizer, scheduler=scheduler, meta=meta,
+                   tensors=fast.ema_tensors(ema) if ema is not None else None)
 
     progress.start(epochs=config.epochs, steps=steps, epoch=epoch, step=step)
     model.train()
@@ -288,8 +325,13 @@ def train(
                                     epoch=epoch, start_step=step)
             for x, y in batches:
                 x, y = _to(x, config.device), y.to(config.device)
-                logits = model(x)
-                loss = criterion(logits, y)
+                with fast.autocast(precision, config.device):
+                    logits = model(x)
+                    loss = criterion(logits, y)
+                if penalty is not None:  # float32, outside autocast
+                    loss_for_grad = loss + 0.5 * config.weight_decay * penalty()
+                else:
+                    loss_for_grad = loss
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
                         f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1} "
@@ -298,9 +340,11 @@ def train(
                         "lower --lr or add --warmup-epochs"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss_for_grad.backward()
                 optimizer.step()
                 scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 step += 1
                 running["loss"] += loss.item() * len(y)
                 running["correct"] += int((logits.argmax(1) == y).sum().item())
@@ -318,7 +362,8 @@ def train(
                     f"weights became NaN or infinite in epoch {epoch + 1}; stopped: the last good checkpoint "
                     f"({_last_good(history)}) is kept in {out / CHECKPOINT_DIR}; lower --lr or add --warmup-epochs"
                 )
-            val_top1 = (evaluate_top1(model, val_data, normalize, config.eval_batch_size, config.device)
+            val_top1 = (evaluate_top1(evaluated, val_data, normalize, config.eval_batch_size, config.device,
+                                      flip=config.tta_flip, precision=precision)
                         if val_data is not None else None)
             seconds = time.perf_counter() - started
             train_seconds += seconds
@@ -328,12 +373,27 @@ def train(
             history.append(record)
             epoch, step, running = epoch + 1, 0, {"loss": 0.0, "correct": 0, "seen": 0}
             save(epoch, 0)
+            if config.keep_every and (epoch % config.keep_every == 0 or epoch == config.epochs):
+                keep_checkpoint(out, evaluated, spec, record)
             write_json(out / HISTORY_FILE, [asdict(r) for r in history])
             progress.epoch(record)
             logger.info("epoch %d/%d: loss %.4f, train top-1 %.4f, val top-1 %s, %.1f s", record.epoch,
                         config.epochs, record.train_loss, record.train_top1,
                         "-" if val_top1 is None else f"{val_top1:.4f}", seconds)
-    return _finish(out, model, spec, config, history, train_seconds, train_data, val_data, preprocessing, scales)
+    return _finish(out, evaluated, spec, config, history, train_seconds, train_data, val_data, preprocessing, scales,
+                   precision)
+
+
+KEPT_DIR = "checkpoints"
+
+
+def keep_checkpoint(out: Path, model: nn.Module, spec: dict[str, Any], record: EpochRecord) -> Path:
+    """OUT/checkpoints/epoch-NNN.safetensors: the evaluated weights after ``record.epoch`` epochs."""
+    path = out / KEPT_DIR / f"epoch-{record.epoch:03d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, path, spec=spec, form="train", force=True,
+                    extra={"epoch": record.epoch, "val_top1": record.val_top1})
+    return path
 
 
 def _last_good(history: list[EpochRecord]) -> str:
@@ -342,7 +402,7 @@ def _last_good(history: list[EpochRecord]) -> str:
 
 def _finish(out: Path, model: nn.Module, spec: dict[str, Any], config: TrainConfig, history: list[EpochRecord],
             train_seconds: float, train_data: ImageSet, val_data: ImageSet | None, preprocessing: Any,
-            scales: Any) -> TrainResult:
+            scales: Any, precision: str = "fp32") -> TrainResult:
     final = history[-1].val_top1 if history else None
     summary = {
         "model": spec,
@@ -355,6 +415,9 @@ def _finish(out: Path, model: nn.Module, spec: dict[str, Any], config: TrainConf
                  "classes": list(train_data.classes)},
         "preprocessing": preprocessing.to_dict(),
         "augmentation": "random crop with 4-pixel zero padding, horizontal flip",
+        "precision": precision,  # the resolved autocast precision (config.precision may say "auto")
+        "weights": "EMA of the weights" if config.ema is not None else "last step",
+        "kept_checkpoints": sorted(str(p.relative_to(out)) for p in (out / KEPT_DIR).glob("*.safetensors")),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": round(train_seconds / max(1, len(history)), 2),
         "final_val_top1": final,

@@ -19,17 +19,21 @@ from deploykit.errors import DeployError
 from deploykit.files import atomic_dir, atomic_file
 
 CHECKPOINT_DIR = "checkpoint"
+NOT_RECIPE = {"keep_every"}  # config keys a resumed run may change: they do not touch the schedule
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 
 
 def save_state(path: Path, *, model: nn.Module, spec: dict[str, Any], optimizer: torch.optim.Optimizer,
-               scheduler: Any, meta: dict[str, Any]) -> None:
-    """model.safetensors + state.safetensors into ``path/checkpoint`` as one atomic replacement."""
+               scheduler: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """model.safetensors + state.safetensors into ``path/checkpoint`` as one atomic replacement.
+
+    ``tensors``: more training state (the EMA of the weights), stored as given.
+    """
     from safetensors.torch import save_file
 
     optim_state = optimizer.state_dict()
-    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors = {**(tensors or {}), "rng.torch": torch.get_rng_state()}
     for index, state in optim_state["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
@@ -76,7 +80,12 @@ def check_same_run(saved: dict[str, Any], config: Any, spec: dict[str, Any], out
     """A resumed run must train the same model with the same recipe (``config``: a TrainConfig)."""
     if saved["spec"] != spec:
         raise DeployError(f"{out} trains {saved['spec']}, not {spec}; resume with the same model")
-    changed = [k for k, v in config.to_dict().items() if saved["config"].get(k) != v]
+    import dataclasses
+
+    # A key the saved run predates had its default then (runs from before the fast-path switches).
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    changed = [k for k, v in config.to_dict().items()
+               if k not in NOT_RECIPE and saved["config"].get(k, defaults.get(k)) != v]
     if changed:
         was = ", ".join(f"{k}={saved['config'].get(k)}" for k in changed)
         raise DeployError(

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Trains RepVGG-A0, RepOpt-VGG-A0 and QARepVGG-A0 on CIFAR-10 with ONE recipe and budget (the fast
+# path of `deploykit train`), keeps every KEEP_EVERY-th epoch's weights, then regenerates the
+# quantization report over the three models and their kept checkpoints (scripts/quant_report.sh,
+# same WORK: finished trainings are skipped there, interrupted ones resume).
+#
+#   bash scripts/train_three.sh                                   the report's budget
+#   WORK=/tmp/t3 EPOCHS=2 HS_EPOCHS=1 KEEP_EVERY=1 LIMIT=256 VAL_LIMIT=100 EVAL_LIMIT=100 CALIB_SAMPLES=64 \
+#     VERIFY_SAMPLES=100 ANALYZE_SAMPLES=100 REPORT=/tmp/t3/report.md bash scripts/train_three.sh
+#                                                                 a smoke run of every command
+# Seconds per epoch on this machine are NOT known for this recipe yet: measure them on a quiet
+# machine (train.json: seconds_per_epoch) before promising a budget.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export WIDTH=${WIDTH-0.5}          # A0 layout at half width: 24-24-48-96-640 channels (state it in the report)
+export EPOCHS=${EPOCHS:-20}
+export HS_EPOCHS=${HS_EPOCHS:-3}
+export BATCH=${BATCH:-256}
+export LR=${LR:-0.2}
+export WARMUP=${WARMUP:-0}         # onecycle: 0 = peak at 25% of the steps
+export KEEP_EVERY=${KEEP_EVERY:-5}
+# The same fast recipe for all three: one-cycle, bf16 autocast where /proc/cpuinfo shows bf16 units,
+# EMA of the weights, flip test-time augmentation (label smoothing 0.1 is the default).
+export FAST_ARGS=${FAST_ARGS:---schedule onecycle --precision auto --ema 0.999 --tta-flip}
+# RepVGG with the official recipe's custom L2 (set REPVGG_ARGS= to train it with plain L2).
+export REPVGG_ARGS=${REPVGG_ARGS---custom-l2}
+export WORK=${WORK:-runs/train-three}
+export REPORT=${REPORT:-reports/quantization-repvgg-vs-repopt.md}
+exec bash scripts/quant_report.sh
