@@ -40,11 +40,18 @@ class LoadedModel:
         return (1, 3, self.input_size, self.input_size)
 
 
+INIT_SEED = 0  # an untrained model's initial weights: the same in every command (advise, build, eval)
+
+
 def _from_zoo(spec: dict[str, Any]) -> Any:
+    import torch
+
     from deploykit.models import create_model
 
     spec = dict(spec)
-    return create_model(spec.pop("name"), **spec)
+    with torch.random.fork_rng(devices=[]):  # seeded init, the caller's random state untouched
+        torch.manual_seed(INIT_SEED)
+        return create_model(spec.pop("name"), **spec)
 
 
 def _from_python(path_and_factory: str) -> Any:

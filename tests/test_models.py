@@ -136,3 +136,18 @@ def test_width_scales_repvgg_and_repopt_for_small_budgets() -> None:
         assert count_params(small) < count_params(full) / 10
         first_conv = next(m for m in small.modules() if isinstance(m, torch.nn.Conv2d))
         assert first_conv.out_channels == 12  # min(64, 64 * 0.75 * 0.25)
+
+
+def test_an_untrained_zoo_model_has_the_same_weights_in_every_load() -> None:
+    """advise compares artifacts built in separate loads with an eager reference: all must be one model."""
+    import torch
+
+    from deploykit.loading import load_model
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_model("repvgg_a0", cifar=True, num_classes=10).model.state_dict()
+    b = load_model("repvgg_a0", cifar=True, num_classes=10).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(torch.rand(1), before)  # the caller's random state is untouched
