@@ -244,13 +244,18 @@ def time_interleaved(rows: list[Candidate], baseline: Candidate, request: Advise
 
 
 def choose(rows: list[Candidate], max_drop: float) -> Candidate | None:
-    """Mark the fastest row within budget; say why each faster row was rejected."""
+    """Mark the fastest row within budget; say why each faster row (and every row over budget) was rejected."""
     timed = sorted((r for r in rows if r.summary is not None and not r.anchor), key=lambda r: r.summary.median_ms)
     chosen = next((r for r in timed if r.drop is not None and r.drop <= max_drop + 1e-9), None)
     for row in timed:
         if row is chosen:
-            break
-        row.rejected = f"top-1 drop {row.drop:.2f} > budget {max_drop:g} points"
+            continue
+        if row.drop is None:
+            row.rejected = "not scored"
+        elif row.drop > max_drop + 1e-9:
+            row.rejected = f"top-1 drop {row.drop:.2f} > budget {max_drop:g} points"
+        else:
+            row.rejected = "within budget, slower than the chosen artifact"
     if chosen is not None:
         chosen.chosen = True
     return chosen

@@ -86,3 +86,20 @@ def test_advise_errors_are_one_line(tiny: str, tmp_path: Path) -> None:
     wrong = run_cli("advise", tiny, "-t", "onnxruntime", "-p", "bf16", "--work", str(tmp_path))
     assert wrong.returncode == 2
     assert "target onnxruntime does not build precision bf16" in wrong.stderr.strip().splitlines()[-1]
+
+
+def test_every_row_not_chosen_says_why() -> None:
+    """Faster rows over budget, slower rows over budget and slower rows within budget each get a note."""
+    from types import SimpleNamespace
+
+    from deploykit.advise import Candidate, choose
+
+    def row(label: str, ms: float, drop: float) -> Candidate:
+        return Candidate(label, summary=SimpleNamespace(median_ms=ms), drop=drop)
+
+    fast_bad, chosen, slow_ok, slow_bad = row("a", 1.0, 5.0), row("b", 2.0, 0.5), row("c", 3.0, 0.1), row("d", 4.0, 9.0)
+    assert choose([slow_bad, chosen, fast_bad, slow_ok], max_drop=1.0) is chosen
+    assert chosen.chosen and chosen.rejected is None
+    assert fast_bad.rejected == "top-1 drop 5.00 > budget 1 points"
+    assert slow_bad.rejected == "top-1 drop 9.00 > budget 1 points"
+    assert slow_ok.rejected == "within budget, slower than the chosen artifact"

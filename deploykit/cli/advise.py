@@ -58,8 +58,8 @@ def run_advice(request: Any, out: Path | None) -> Any:
 @click.option("--cifar", is_flag=True, default=None, help="Zoo model in its CIFAR (32x32) form.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="INT8 calibration samples.")
-@click.option("--eval-samples", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Held-out images accuracy is measured on.")
+@click.option("--eval-samples", "--verify-samples", "eval_samples", type=click.IntRange(min=1), default=500,
+              show_default=True, help="Held-out images accuracy is measured on (--verify-samples, as in build).")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Interleaved timing rounds.")
 @click.option("--round-seconds", type=click.FloatRange(min=0.0), default=1.0, show_default=True)
 @click.option("--warmup-seconds", type=click.FloatRange(min=0.0), default=3.0, show_default=True)
