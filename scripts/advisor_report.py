@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_CHECKPOINT = Path("runs/quant-report/train/repvgg/model.safetensors")
+DEFAULT_CHECKPOINT = Path("checkpoints/repvgg_a0-cifar10-w0.5.safetensors")  # the demo's trained model
 
 
 def anchors(model: Any, input_size: int, calib: np.ndarray, threads: int, work: Path) -> dict[str, Any]:
@@ -102,16 +102,28 @@ def floors(advice: Any) -> list[str]:
     if chosen is None:
         return [f"- No artifact met the budget of {advice.request.max_drop:g} points: floors not checked."]
     medians = lambda c: [float(np.median(r)) for r in c.rounds]  # noqa: E731
+    budget = advice.request.max_drop
     timed_anchors = [c for c in advice.candidates if c.anchor and c.summary is not None]
+    # The floor compares what a user could ship: an anchor over the accuracy budget is no rival (its
+    # speed is still stated, and so is the interval of the comparison).
+    usable = [c for c in timed_anchors if c.drop is not None and c.drop <= budget + 1e-9]
     lines = []
-    if timed_anchors:
-        fastest = min(timed_anchors, key=lambda c: c.summary.median_ms)
+    if usable:
+        fastest = min(usable, key=lambda c: c.summary.median_ms)
         ratio = ratio_of_medians(medians(fastest), medians(chosen))
         met = ratio.ci_high >= 1.0
-        lines.append(f"- Chosen ({chosen.label}) vs the fastest anchor ({fastest.label}): anchor/chosen = "
-                     f"{ratio.ratio:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}] -> "
+        lines.append(f"- Chosen ({chosen.label}) vs the fastest hand-made anchor within the budget ({fastest.label}): "
+                     f"anchor/chosen = {ratio.ratio:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}] -> "
                      + ("met (>= 1.0 within its interval)." if met else
                         f"NOT met: the chosen artifact is {1 / ratio.ratio - 1:.1%} slower."))
+    else:
+        lines.append(f"- No hand-made anchor is within the budget of {budget:g} points.")
+    faster = [c for c in timed_anchors if c not in usable and c.summary.median_ms < chosen.summary.median_ms]
+    for c in sorted(faster, key=lambda c: c.summary.median_ms):
+        ratio = ratio_of_medians(medians(c), medians(chosen))
+        lines.append(f"- Faster but over the budget: {c.label}, anchor/chosen = {ratio.ratio:.3f} "
+                     f"[{ratio.ci_low:.3f}, {ratio.ci_high:.3f}], top-1 drop {c.drop:.2f} points "
+                     "(deploykit's artifact of that kind is rejected for the same reason).")
     within = [c for c in advice.candidates if not c.anchor and c.summary is not None and c.drop is not None
               and c.drop <= advice.request.max_drop + 1e-9]
     best = min(within, key=lambda c: c.summary.median_ms)
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                              title=f"{args.labeled_model}, top-1 on CIFAR-10 test images"))
     elif args.labeled_model:
         parts.append(f"## {args.labeled_model}\n\nNot measured: no checkpoint at {args.labeled_model} "
-                     "(train it with `bash scripts/quant_report.sh`, or pass --labeled-model).\n")
+                     "(train it with `bash scripts/train_three.sh`, or pass --labeled-model).\n")
     command = "python scripts/advisor_report.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report = "\n".join([
         "# Advisor: the fastest artifact within an accuracy budget, against hand-made anchors", "",
@@ -190,6 +202,11 @@ def main(argv: list[str] | None = None) -> None:
         f"- Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.",
         "- Anchors: PyTorch eager (train form = the baseline row; fused), ONNX Runtime / OpenVINO with their "
         "defaults on the fused ONNX, NNCF `quantize` defaults compiled with OpenVINO defaults; same threads.",
+        "- Floors: an anchor is compared as a rival only when it meets the same accuracy budget as deploykit's "
+        "artifacts; faster anchors over the budget are listed with their drop.",
+        "- The zoo RepVGG-A0 at 224x224 is untrained (fixed seed): its logits are nearly flat, so top-1 agreement "
+        "with FP32 is fragile and its INT8 / bf16 agreement says nothing about a trained model's accuracy (the "
+        "trained CIFAR-10 model below is the accuracy case); it is here for the latency of a full-size model.",
         "", *parts,
     ])
     out = Path(args.out)
