@@ -79,7 +79,8 @@ CALIB=(--calib "$DATA" --calib-samples "$CALIB_SAMPLES" --seed "$SEED")
 mkdir -p "$WORK"/{eval,latency,maxdrop}
 
 # --- 1. training ------------------------------------------------------------------------
-train() {  # NAME ARGS...: start, resume, or skip a finished run
+train() {  # NAME ARGS...: start, resume, or skip a finished run (only the models in MODELS_TO_RUN)
+  [[ " ${MODELS[*]} " == *" $1 "* ]] || return 0
   local out=$WORK/train/$1; shift
   [[ -f $out/train.json || -f $out/pipeline.json ]] && return 0
   local resume=()
