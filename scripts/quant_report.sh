@@ -198,5 +198,8 @@ for m in "${MODELS[@]}"; do
 done
 
 # --- 5. the report ------------------------------------------------------------------------------
-$PY -m deploykit.report.quant_study "$WORK" --script scripts/quant_report.sh --out "$REPORT"
+SHIPPED_ARGS=()
+for f in ${SHIPPED:-}; do SHIPPED_ARGS+=(--shipped "$f"); done
+$PY -m deploykit.report.quant_study "$WORK" --script scripts/quant_report.sh --out "$REPORT" \
+  --command "${COMMAND:-bash scripts/quant_report.sh}" ${SHIPPED_ARGS[@]+"${SHIPPED_ARGS[@]}"}
 echo "wrote $REPORT" >&2

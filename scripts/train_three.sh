@@ -27,4 +27,7 @@ export FAST_ARGS=${FAST_ARGS:---schedule onecycle --precision auto --ema 0.999 -
 export REPVGG_ARGS=${REPVGG_ARGS---custom-l2}
 export WORK=${WORK:-runs/train-three}
 export REPORT=${REPORT:-reports/quantization-repvgg-vs-repopt.md}
+export COMMAND=${COMMAND:-bash scripts/train_three.sh}   # what the report says ran it
+# The RepVGG-A0 checkpoint the demo uses (scripts/pack_checkpoint.py of train/repvgg/model.safetensors).
+export SHIPPED=${SHIPPED-checkpoints/repvgg_a0-cifar10-w0.5.safetensors}
 exec bash scripts/quant_report.sh
