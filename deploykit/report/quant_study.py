@@ -300,8 +300,8 @@ def _summary(work: Path, table: dict[str, dict[str, float | None]]) -> list[str]
 
 def _partial_summary(table: dict[str, dict[str, float | None]]) -> list[str]:
     """Without both RepVGG and RepOpt-VGG there is no verdict on the claim; say what was measured."""
-    lines = [f"No verdict on RepVGG vs RepOpt-VGG: {' and '.join(MODELS[m] for m in ('repvgg', 'repopt') if table[m].get('fp32') is None)} "
-             f"{NOT_MEASURED}."]
+    missing = " and ".join(MODELS[m] for m in ("repvgg", "repopt") if table[m].get("fp32") is None)
+    lines = [f"No verdict on RepVGG vs RepOpt-VGG: {missing} {NOT_MEASURED}."]
     schemes = [(n, b, sc) for n, b, sc in SCHEMES if not n.endswith("-fp32")]
     for model, label in MODELS.items():
         fp32 = table[model].get("fp32")
