@@ -21,15 +21,15 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
 
+    import json
+
     import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from deploykit.checkpoint import META_KEY, read_checkpoint
     from deploykit.files import atomic_file
 
-    with safe_open(str(args.source), framework="pt") as fh:
-        metadata = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    tensors, meta = read_checkpoint(args.source)
     packed, worst = {}, 0.0
     for name, t in tensors.items():
         if t.is_floating_point() and t.ndim >= 2:
@@ -39,7 +39,7 @@ def main() -> None:
         else:
             packed[name] = t.contiguous()
     with atomic_file(args.out, force=True) as tmp:
-        save_file(packed, str(tmp), metadata=metadata)
+        save_file(packed, str(tmp), metadata={META_KEY: json.dumps(meta)} if meta else None)
     print(f"{args.out}: {args.out.stat().st_size / 1e6:.2f} MB (from {args.source.stat().st_size / 1e6:.2f} MB), "
           f"largest weight change {worst:.2e}")
 
