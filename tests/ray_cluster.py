@@ -245,12 +245,14 @@ class LocalCluster:
                             "--dashboard-agent-listen-port", str(self.netns.inside(_free_port)),
                             "--resources", json.dumps({"deploykit-bench": 1})], cpus)
 
-    def wait_for_devices(self, labels: list[str], timeout_s: float = 120) -> None:
+    def wait_for_devices(self, labels: list[str], timeout_s: float = 120, not_ids: frozenset[str] = frozenset()) -> None:
+        """Until a live node has each label; nodes in ``not_ids`` (earlier nodes of a label) do not count."""
         import ray
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            alive = {(n.get("Labels") or {}).get("device") for n in ray.nodes() if n["Alive"]}
+            alive = {(n.get("Labels") or {}).get("device") for n in ray.nodes()
+                     if n["Alive"] and n["NodeID"] not in not_ids}
             if set(labels) <= alive:
                 return
             for name, proc in self.processes.items():
@@ -258,6 +260,16 @@ class LocalCluster:
                     raise RuntimeError(f"ray node {name} exited: {(self.root / f'{name}.log').read_text()[-2000:]}")
             time.sleep(0.5)
         raise TimeoutError(f"device nodes {labels} did not join within {timeout_s} s")
+
+    def wait_until_dead(self, node_id: str, timeout_s: float = 120) -> None:
+        """Until the head has declared ``node_id`` dead (a killed node stays "alive" until its health checks fail)."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node_id[:12]} still alive {timeout_s} s after it was killed")
+            time.sleep(0.5)
 
     def kill(self, name: str) -> None:
         """SIGKILL the node's whole process group: raylet, agents and workers die at once."""

@@ -23,6 +23,9 @@ from ray_cluster import REPO, NamespaceUnavailable, NetNamespace, listening_port
 from test_bench_sweep import FAST, TINY_SOURCE
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
+# One cluster, on one xdist worker (`--dist loadgroup`): spread over two, each worker would start
+# its own cluster and a test could run where the sweep that killed beta never ran.
+pytestmark = pytest.mark.xdist_group("ray-cluster")
 
 DEVICES = ["alpha", "beta"]
 LOOPBACK_OR_ANY = {"127.0.0.1", "::ffff:127.0.0.1", "::1", "0.0.0.0", "::"}
@@ -190,11 +193,14 @@ def test_calibration_data_travels_from_the_workstation(cluster, tmp_path_factory
 
 
 def test_rerun_measures_only_what_is_missing(first_run, cluster, spec):
-    path, first, _ = first_run
+    path, first, nodes = first_run
     before = results.read_rows(path)
     missing = {r["config_id"] for r in before if r.get("dropped_out")}
+    # Until its health checks fail the head still lists the killed node as alive: wait for that,
+    # then for the new node (not the old one under the same label) before sweeping again.
+    cluster.wait_until_dead(nodes["beta"].node_id)
     cluster.add_device("beta")  # the host comes back: a new Ray node, the same device
-    cluster.wait_for_devices(["beta"])
+    cluster.wait_for_devices(["beta"], not_ids=frozenset({nodes["beta"].node_id}))
     again = fleet.run_fleet_sweep(spec, path, fleet.fleet_nodes(), node_cache_dir=str(cluster.root / "node-cache"))
     assert again.devices["alpha"].measured == 0 and again.devices["alpha"].already_done == 4
     assert {r["config_id"] for r in again.rows} == missing
@@ -243,7 +249,8 @@ def test_the_cluster_talks_only_on_loopback_in_its_own_namespace(first_run, clus
 
 
 def test_devices_selects_by_label_and_unknown_labels_are_named(cluster):
-    assert [n.label for n in fleet.fleet_nodes(["beta"])] == ["beta"]
+    # alpha: the one device no test kills (beta may be down or back, depending on what ran before)
+    assert [n.label for n in fleet.fleet_nodes(["alpha"])] == ["alpha"]
     with pytest.raises(DeployError, match="no device host labelled gamma; the fleet has: alpha"):
         fleet.fleet_nodes(["gamma"])
 
