@@ -127,3 +127,36 @@ def test_cli_fast_path_a_few_steps(tree: Path, tmp_path: Path, model: str) -> No
     assert (tmp_path / "run" / "checkpoints" / "epoch-002.safetensors").is_file()
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     assert summary["precision"] in ("fp32", "bf16") and summary["config"]["custom_l2"] == bool(extra)
+
+
+def test_eval_every_validates_every_nth_the_kept_and_the_last_epoch(data, tmp_path: Path) -> None:  # noqa: F811
+    config = replace(FAST, epochs=4, precision="fp32", eval_every=3, keep_every=None, tta_flip=False)
+    result = _run(data, tmp_path / "run", config)
+    assert [r.val_top1 is not None for r in result.history] == [False, False, True, True]
+    result = _run(data, tmp_path / "kept", replace(config, keep_every=2))
+    assert [r.val_top1 is not None for r in result.history] == [False, True, True, True]
+
+
+def test_compiled_training_follows_the_eager_run(data, tmp_path: Path) -> None:  # noqa: F811
+    """torch.compile (inductor) changes how, not what, is computed: the same seeded run, compiled,
+    ends at the same weights up to float reassociation, and resumes an eager run's checkpoint."""
+    config = replace(FAST, epochs=1, precision="fp32", ema=None, tta_flip=False, keep_every=None)
+    eager = _run(data, tmp_path / "eager", config)
+    compiled = _run(data, tmp_path / "compiled", replace(config, compile=True))
+    a, _ = read_checkpoint(eager.model_path)
+    b, _ = read_checkpoint(compiled.model_path)
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+    _run(data, tmp_path / "eager", replace(config, epochs=1, compile=True), resume=True)  # compile is not the recipe
+
+
+def test_compile_without_a_cxx_compiler_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from deploykit.train import fast
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(DeployError, match="--compile needs a C\\+\\+ compiler"):
+        fast.compiled(nn.Linear(2, 2), "cpu")

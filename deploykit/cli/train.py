@@ -94,6 +94,10 @@ def _progress_ui(console: Any) -> Any:
 @click.option("--tta-flip", is_flag=True, help="Validate on the logits of each image plus its mirror image.")
 @click.option("--keep-every", type=click.IntRange(min=1), default=None,
               help="Also keep the weights of every N-th epoch (and the last) in OUT/checkpoints/.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Validate every N-th epoch (and the last and every kept one): validation costs time.")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="torch.compile the training step (about a minute to compile; needs a C++ compiler on CPU).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Start over, replacing the run in --out.")
 def train(model: str, data: str, out: Path, epochs: int, batch_size: int, lr: float, weight_decay: float,
@@ -102,7 +106,7 @@ def train(model: str, data: str, out: Path, epochs: int, batch_size: int, lr: fl
           val_limit: int | None, split: str, val_split: str, num_classes: int | None, cifar: bool,
           width: float | None, input_size: int | None, recipe: str | None, repopt: bool, hs_epochs: int | None,
           custom_l2: bool, schedule: str, precision: str, ema: float | None, tta_flip: bool,
-          keep_every: int | None, resume: bool, force: bool) -> None:
+          keep_every: int | None, eval_every: int, compile_model: bool, resume: bool, force: bool) -> None:
     """Train zoo MODEL on a labeled image folder: SGD with Nesterov momentum, cosine schedule,
     label smoothing, random-crop and flip augmentation; seeded and deterministic.
 
@@ -145,7 +149,8 @@ def train(model: str, data: str, out: Path, epochs: int, batch_size: int, lr: fl
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, seed=seed, threads=threads,
                          limit=limit, val_limit=val_limit, device=device, custom_l2=custom_l2, schedule=schedule,
-                         precision=precision, ema=ema, tta_flip=tta_flip, keep_every=keep_every)
+                         precision=precision, ema=ema, tta_flip=tta_flip, keep_every=keep_every,
+                         eval_every=eval_every, compile=compile_model)
     console = Console(stderr=True)
     console.print(f"training on {len(train_data)} images from {train_data.description}"
                   + (f", validating on {len(val_data)} from {val_data.description}" if val_data else ""))

@@ -117,6 +117,22 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def compiled(model: nn.Module, device: str) -> Any:
+    """``torch.compile(model)`` for training: inductor fuses the BN/ReLU/add chains of thin nets
+    (1.55x the training steps of the CIFAR RepVGG-A0 at width 0.5 on a 2-core Xeon, bf16). On the
+    CPU inductor generates C++: without a compiler it would fail at the first step, so say it now."""
+    import shutil
+
+    if not device.startswith("cuda"):
+        import os
+
+        cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+        if cxx is None or shutil.which(cxx) is None:
+            raise DeployError("--compile needs a C++ compiler on the CPU (torch.compile generates C++): "
+                              "install g++ or train without --compile")
+    return torch.compile(model)
+
+
 def logits_with_flip(model: nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
     """The model's logits, summed with those of the mirrored images when ``flip``."""
     logits = model(x)

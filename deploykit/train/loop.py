@@ -76,6 +76,8 @@ class TrainConfig:
     ema: float | None = None  # decay of an EMA of the weights (e.g. 0.999); evaluated and saved instead
     tta_flip: bool = False  # evaluate on the mean of the logits of x and its mirror image
     keep_every: int | None = None  # keep the evaluated weights of every N-th epoch in checkpoints/
+    eval_every: int = 1  # validate every N-th epoch (and the last, and every kept one)
+    compile: bool = False  # torch.compile the training forward/backward (inductor: needs a C++ compiler on CPU)
 
     def __post_init__(self) -> None:
         from deploykit.train.fast import PRECISIONS, SCHEDULES
@@ -91,6 +93,8 @@ class TrainConfig:
             raise DeployError(f"--ema decay must be between 0 and 1 (e.g. 0.999), not {self.ema}")
         if self.keep_every is not None and self.keep_every < 1:
             raise DeployError("--keep-every must be a positive number of epochs")
+        if self.eval_every < 1:
+            raise DeployError("--eval-every must be a positive number of epochs")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -287,6 +291,7 @@ def train(
     normalize = Normalizer(preprocessing)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
+    forward = fast.compiled(model, config.device) if config.compile else model  # shares model's parameters
     ema = fast.make_ema(model, config.ema) if config.ema is not None else None
     evaluated = ema.module if ema is not None else model  # what is validated, kept and saved
     epoch, step, train_seconds, history, running = 0, 0, 0.0, [], {"loss": 0.0, "correct": 0, "seen": 0}
@@ -326,7 +331,7 @@ def train(
             for x, y in batches:
                 x, y = _to(x, config.device), y.to(config.device)
                 with fast.autocast(precision, config.device):
-                    logits = model(x)
+                    logits = forward(x)
                     loss = criterion(logits, y)
                 if penalty is not None:  # float32, outside autocast
                     loss_for_grad = loss + 0.5 * config.weight_decay * penalty()
@@ -362,9 +367,13 @@ def train(
                     f"weights became NaN or infinite in epoch {epoch + 1}; stopped: the last good checkpoint "
                     f"({_last_good(history)}) is kept in {out / CHECKPOINT_DIR}; lower --lr or add --warmup-epochs"
                 )
+            done = epoch + 1
+            validate = val_data is not None and (
+                done % config.eval_every == 0 or done == config.epochs
+                or bool(config.keep_every and done % config.keep_every == 0))
             val_top1 = (evaluate_top1(evaluated, val_data, normalize, config.eval_batch_size, config.device,
                                       flip=config.tta_flip, precision=precision)
-                        if val_data is not None else None)
+                        if validate else None)
             seconds = time.perf_counter() - started
             train_seconds += seconds
             record = EpochRecord(epoch + 1, running["loss"] / max(1, running["seen"]),

@@ -19,7 +19,7 @@ from deploykit.errors import DeployError
 from deploykit.files import atomic_dir, atomic_file
 
 CHECKPOINT_DIR = "checkpoint"
-NOT_RECIPE = {"keep_every"}  # config keys a resumed run may change: they do not touch the schedule
+NOT_RECIPE = {"keep_every", "eval_every", "compile"}  # config keys a resumed run may change: not the schedule
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 
