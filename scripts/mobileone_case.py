@@ -24,7 +24,6 @@ import json
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,15 +32,13 @@ TARGETS = ("onnxruntime", "openvino")
 VARIANTS = (("fp32", None), ("int8", None), ("int8", "zero-dead"), ("int8", "repvgg"))
 
 
-def _run(argv: list[str], log: Path) -> float:
-    """Run one deploykit command; its output goes to ``log``; seconds it took."""
-    started = time.perf_counter()
+def _run(argv: list[str], log: Path) -> None:
+    """Run one deploykit command; its output goes to ``log``."""
     with log.open("w") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         raise SystemExit(f"failed ({done.returncode}): {shlex.join(argv)}\n" + "\n".join(tail))
-    return time.perf_counter() - started
 
 
 def _shown(argv: list[str]) -> str:

@@ -121,13 +121,11 @@ def compiled(model: nn.Module, device: str) -> Any:
     """``torch.compile(model)`` for training: inductor fuses the BN/ReLU/add chains of thin nets
     (1.55x the training steps of the CIFAR RepVGG-A0 at width 0.5 on a 2-core Xeon, bf16). On the
     CPU inductor generates C++: without a compiler it would fail at the first step, so say it now."""
+    import os
     import shutil
 
     if not device.startswith("cuda"):
-        import os
-
-        cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
-        if cxx is None or shutil.which(cxx) is None:
+        if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c):
             raise DeployError("--compile needs a C++ compiler on the CPU (torch.compile generates C++): "
                               "install g++ or train without --compile")
     return torch.compile(model)
