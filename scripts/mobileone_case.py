@@ -93,6 +93,13 @@ def main() -> int:
     return 0
 
 
+def _times(value: float | str) -> str:
+    """A range inflation as the report writes it; JSON holds inf as the string "inf"."""
+    if float(value) == float("inf"):
+        return "inf (some channels have weights only on dead inputs)"
+    return f"{float(value):.1f}x"
+
+
 def _fix_steps(meta: dict) -> str:
     fix = meta.get("int8_fix") or {}
     parts = []
@@ -151,7 +158,7 @@ def render(rows: list, analysis: dict, commands: list[str], args: argparse.Names
                 found.append(f"BN |gamma|/sigma {c['bn_max_ratio']:.0f} (`{c['bn_max_module']}`)")
             elif cause == "dead_weights":
                 found.append(f"{c['dead_inputs']} dead inputs widen {c['dead_inflated_outputs']} output ranges "
-                             f"up to {c['dead_range_inflation']:.1f}x")
+                             f"up to {_times(c['dead_range_inflation'])}")
             elif cause == "range_spread":
                 found.append(f"output-channel weight range spread {c['range_spread']:.0f}x")
             else:

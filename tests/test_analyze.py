@@ -94,6 +94,46 @@ def test_analyze_finds_the_planted_outlier_and_names_its_fix(
     assert data["layers"][0]["fix_text"]
 
 
+
+def _amplifier() -> tuple[torch.nn.Module, np.ndarray]:
+    """conv1 computes two channels that differ by ~0.01%; conv2 takes their difference x 10^4: every
+    error in conv1's output reaches the logits ~80 dB louder (a network that amplifies, like a random one)."""
+    gen = torch.Generator().manual_seed(0)
+    conv1, conv2, head = torch.nn.Conv2d(16, 2, 1), torch.nn.Conv2d(2, 4, 1), torch.nn.Linear(4, 10)
+    with torch.no_grad():
+        w = torch.rand(16, generator=gen) + 0.5
+        near = w * (1 + 1e-4 * torch.randn(16, generator=gen))  # int8 rounds the two channels differently
+        conv1.weight.copy_(torch.stack([w, near]).reshape(2, 16, 1, 1))
+        conv1.bias.zero_()
+        conv2.weight.copy_(torch.tensor([[1.0, -1.0]] * 4).reshape(4, 2, 1, 1) * 1e4 * torch.rand(4, 1, 1, 1, generator=gen))
+        conv2.bias.zero_()
+        head.bias.zero_()  # the logits are the amplified difference, nothing constant
+    model = torch.nn.Sequential(conv1, conv2, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head).eval()
+    inputs = torch.rand(320, 16, 8, 8, generator=gen).numpy()
+    return model, inputs
+
+
+def test_analyze_names_a_network_that_amplifies_small_errors() -> None:
+    from deploykit.quant.analyze import AMPLIFIED_GAIN_DB, BF16_OK_DB
+    from deploykit.report.analysis import to_markdown
+
+    model, inputs = _amplifier()
+    result = analyze(model, inputs[:256], inputs[256:], per_channel=True)
+    layers = {layer.name: layer for layer in result.layers}
+    first = layers["0"]
+    # conv1's own int8 output is fine per channel; the layers after it make the logits noise.
+    assert first.output_channel_sqnr_db > 30 and first.logit_sqnr_db < 10
+    assert first.error_gain_db >= AMPLIFIED_GAIN_DB and first.causes.causes[0] == "amplified"
+    assert first.fix == "keep_fp"
+    # bf16 (no int8 at all) breaks it too: the cause is the network, and the report says so.
+    assert result.bf16_logit_sqnr_db < BF16_OK_DB
+    assert "does not bear reduced precision" in to_markdown(result)
+    # A well-conditioned model: bf16 is harmless and no layer is called amplified.
+    clean, clean_inputs, clean_labels = outlier_model("clean")
+    ok = analyze(clean, clean_inputs[:256], clean_inputs[256:512], labels=clean_labels[256:512])
+    assert ok.bf16_logit_sqnr_db > BF16_OK_DB and "does not bear" not in to_markdown(ok)
+    assert not any("amplified" in layer.causes.causes for layer in ok.layers)
+
 def test_equalization_keeps_the_function_and_balances_ranges() -> None:
     model, inputs, _ = outlier_model("activation")
     assert conv_relu_conv_pairs(model) == [("conv1", "conv2")]

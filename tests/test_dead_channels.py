@@ -52,6 +52,19 @@ def test_analyze_names_bn_ratio_and_dead_weights_on_the_right_layer(fused) -> No
     assert result.ranking[0] == block
 
 
+
+def test_an_output_channel_with_weights_only_on_dead_inputs_is_infinitely_widened() -> None:
+    from deploykit.quant.causes import LayerCauses, _dead_figures
+
+    conv = torch.nn.Conv2d(3, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 0.0, 0.5], [0.0, 0.0, 4.0]]).reshape(2, 3, 1, 1))
+    out = LayerCauses()
+    _dead_figures(conv, torch.tensor([False, False, True]), out)
+    # Channel 1 has no live weight: its whole range is the dead input's (mobileone_s4 printed 4.5e300x here).
+    assert out.dead_range_inflation == float("inf") and out.dead_inflated_outputs == 1
+    assert out.dead_weight_absmax == 4.0 and out.live_weight_absmax == 1.0
+
 def test_zero_dead_weights_is_exact_and_restores_int8(fused) -> None:
     _, model, _, block, inputs, labels = fused
     calib, held = inputs[:256], inputs[256:]

@@ -12,7 +12,13 @@ For every Conv2d/Linear:
 - input-activation SQNR and per-input-channel range spread over the calibration data;
 - one layer at a time (everything else FP32): the layer's output SQNR, the largest shift of
   an output channel's mean (in that channel's std: what bias correction removes), the SQNR
-  of the model's logits and the top-1 drop on labeled held-out samples.
+  of the model's logits and the top-1 drop on labeled held-out samples; the logit SQNR below
+  the layer's output SQNR (per output channel, averaged in dB, so channels a shared scale
+  crushes count) is the error gain of the layers after it: 20 dB or more means the rest of
+  the network amplifies small errors, and no fix of the layer's own weights brings it back;
+- the whole model with every Conv/Linear input and weight rounded to bf16 (8 significant bits,
+  no int8 at all): when that alone ruins the logits, the model cannot bear reduced precision
+  and the cause is the network, not the int8 scheme.
 
 The layers are ranked by logit SQNR (the damage one layer does alone) and each gets the fix
 its figures point to. The arithmetic is ``deploykit.quant.fakequant``'s (ORT's default
@@ -20,6 +26,7 @@ scheme), so the ranking transfers to the backends.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,6 +49,8 @@ PER_CHANNEL_GAIN_DB = 6.0  # per-channel scales must buy at least one bit to be 
 ACT_SPREAD_EQUALIZE = 8.0  # input channels whose ranges differ this much waste the int8 grid
 BIAS_SHIFT_CORRECT = 0.05  # an output mean moved by 5% of its std: bias correction removes it
 LOGIT_SQNR_OK_DB = 30.0  # a layer that alone keeps the logits above this (and top-1) does no real damage
+AMPLIFIED_GAIN_DB = 20.0  # the logits 100x (power) noisier than the layer's own output: the network amplifies
+BF16_OK_DB = 20.0  # bf16 rounds ~19 dB finer than int8: below this, int8 of the model has nothing left
 FIXES = {
     "zero_dead": "zero the weights on always-zero input channels (exact)",
     "per_channel": "per-channel weight scales",
@@ -93,6 +102,8 @@ class LayerReport:
     output_sqnr_db: float = math.nan
     bias_shift: float = math.nan
     logit_sqnr_db: float = math.nan
+    output_channel_sqnr_db: float = math.nan  # per output channel, averaged in dB (capped at +-100)
+    error_gain_db: float = math.nan  # output_channel_sqnr_db - logit_sqnr_db: what the layers after it add
     top1_drop: float | None = None  # points, this layer alone quantized
     previous: str | None = None  # the layer feeding this one through a ReLU (CLE partner), if any
     fixes: list[str] = field(default_factory=list)
@@ -115,6 +126,7 @@ class Analysis:
     fp32_top1: float | None
     int8_top1: dict[str, float | None]  # the whole model fake-quantized: per_tensor / per_channel
     int8_logit_sqnr_db: dict[str, float]
+    bf16_logit_sqnr_db: float  # every Conv/Linear input and weight rounded to bf16, nothing in int8
     layers: list[LayerReport]
     ranking: list[str]  # layer names, most damaging first
     reference: dict[str, Any] | None = None  # fakequant.reference_top1 on a test split, when measured
@@ -202,6 +214,8 @@ class _Probe(FakeQuantLayer):
         super().__init__(layer, act_range, per_channel=per_channel, weights=True)
         self.float_layer = layer
         self.signal = self.noise = 0.0
+        self.channel_signal: torch.Tensor | None = None
+        self.channel_noise: torch.Tensor | None = None
         self.sum_fp: torch.Tensor | None = None
         self.sum_q: torch.Tensor | None = None
         self.sumsq_fp: torch.Tensor | None = None
@@ -216,6 +230,9 @@ class _Probe(FakeQuantLayer):
         dims = [d for d in range(ref.dim()) if d != 1]
         n = ref.numel() // ref.shape[1]
         s_fp, s_q, ss_fp = ref.sum(dims), q.sum(dims), (ref**2).sum(dims)
+        noise = ((ref - q) ** 2).sum(dims)
+        self.channel_signal = ss_fp if self.channel_signal is None else self.channel_signal + ss_fp
+        self.channel_noise = noise if self.channel_noise is None else self.channel_noise + noise
         self.sum_fp = s_fp if self.sum_fp is None else self.sum_fp + s_fp
         self.sum_q = s_q if self.sum_q is None else self.sum_q + s_q
         self.sumsq_fp = ss_fp if self.sumsq_fp is None else self.sumsq_fp + ss_fp
@@ -226,7 +243,32 @@ class _Probe(FakeQuantLayer):
         mean_fp, mean_q = self.sum_fp / self.count, self.sum_q / self.count
         std_fp = (self.sumsq_fp / self.count - mean_fp**2).clamp_min(0).sqrt().clamp_min(1e-12)
         snr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
-        return {"output_sqnr_db": snr, "bias_shift": float(((mean_q - mean_fp).abs() / std_fp).max())}
+        exact = self.channel_noise == 0
+        per_channel = 10 * torch.log10(self.channel_signal.clamp_min(1e-300) / self.channel_noise.clamp_min(1e-300))
+        per_channel = torch.where(exact, 100.0, per_channel).clamp(-100.0, 100.0)
+        return {"output_sqnr_db": snr, "output_channel_sqnr_db": float(per_channel.mean()),
+                "bias_shift": float(((mean_q - mean_fp).abs() / std_fp).max())}
+
+
+class _Rounded(nn.Module):
+    """A Conv2d/Linear whose weight and input are rounded to ``dtype`` and computed in float32."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer, self.dtype = copy.deepcopy(layer), dtype
+        with torch.no_grad():
+            self.layer.weight.copy_(layer.weight.to(dtype).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.to(self.dtype).float())
+
+
+def _rounded(model: nn.Module, layers: dict[str, nn.Module], dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` with every layer in ``layers`` rounded to ``dtype`` (weights and inputs)."""
+    rounded = copy.deepcopy(model)
+    for name, layer in layers.items():
+        set_submodule(rounded, name, _Rounded(layer, dtype))
+    return rounded
 
 
 def _top1(logits: torch.Tensor, labels: np.ndarray) -> float:
@@ -245,6 +287,8 @@ def _previous_layers(model: nn.Module) -> dict[str, str]:
 
 def _suggest(layer: LayerReport) -> list[str]:
     fixes = []
+    if layer.causes is not None and "amplified" in layer.causes.causes:
+        fixes.append("keep_fp")  # a few dB more at its own output cannot offset the gain after it
     if layer.causes is not None and "dead_weights" in layer.causes.causes:
         fixes.append("zero_dead")
     if (layer.weight_sqnr_tensor_db < WEIGHT_SQNR_OK_DB
@@ -254,7 +298,7 @@ def _suggest(layer: LayerReport) -> list[str]:
         fixes.append("equalize")
     if layer.bias_shift >= BIAS_SHIFT_CORRECT:
         fixes.append("bias_correction")
-    if layer.logit_sqnr_db < LOGIT_SQNR_OK_DB or (layer.top1_drop or 0.0) > 0.0:
+    if (layer.logit_sqnr_db < LOGIT_SQNR_OK_DB or (layer.top1_drop or 0.0) > 0.0) and "keep_fp" not in fixes:
         fixes.append("keep_fp")  # the fallback when the fixes above do not recover it
     return fixes or ["none"]
 
@@ -305,6 +349,9 @@ def analyze(
         report.top1_drop = 100.0 * (fp_top1 - _top1(logits, reference))
         for key, value in probe.figures().items():
             setattr(report, key, value)
+        report.error_gain_db = report.output_channel_sqnr_db - report.logit_sqnr_db
+        if report.error_gain_db >= AMPLIFIED_GAIN_DB and report.logit_sqnr_db < LOGIT_SQNR_OK_DB:
+            report.causes.causes.insert(0, "amplified")
         report.fixes = _suggest(report)
         reports.append(report)
     int8_top1: dict[str, float | None] = {}
@@ -313,6 +360,7 @@ def analyze(
         logits = predict(fake_quantize(model, ranges, per_channel=channel), evaluation)
         int8_top1[scheme] = _top1(logits, reference) if labels is not None else None
         int8_sqnr[scheme] = sqnr_db(fp_logits, logits)
+    bf16_sqnr = sqnr_db(fp_logits, predict(_rounded(model, layers, torch.bfloat16), evaluation))
     ranking = [r.name for r in sorted(reports, key=lambda r: (r.logit_sqnr_db, -(r.top1_drop or 0.0)))]
     train_kernels = None
     if train_model is not None:
@@ -322,5 +370,5 @@ def analyze(
         samples=len(evaluation), labeled=labels is not None,
         kernels_deploy=KernelStats.of([m.weight for m in layers.values()]), kernels_train=train_kernels,
         fp32_top1=fp_top1 if labels is not None else None, int8_top1=int8_top1, int8_logit_sqnr_db=int8_sqnr,
-        layers=reports, ranking=ranking,
+        bf16_logit_sqnr_db=bf16_sqnr, layers=reports, ranking=ranking,
     )

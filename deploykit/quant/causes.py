@@ -9,6 +9,9 @@ Per fused Conv/Linear, mapped to the train-time modules folded into it:
   that multiply them: how much they widen their output channels' ranges;
 - the per-output-channel weight range spread (max / median absmax): a per-tensor scale wastes
   the int8 grid on most channels.
+
+``amplified`` (the rest of the network multiplies this layer's error) needs the logits and is
+added by ``deploykit.quant.analyze``.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ RANGE_SPREAD_WIDE = 8.0  # max / median channel absmax: 3 of 8 bits lost to most
 TOP_CHANNELS = 3
 LIST_CHANNELS = 16
 CAUSES = {
+    # Set by deploykit.quant.analyze, which measures it (the layer's int8 output vs the logits).
+    "amplified": "the layers after it amplify its int8 error",
     "bn_scale": "extreme BN |gamma|/sigma folded into the kernel",
     "dead_weights": "weights on always-zero input channels set the int8 range",
     "range_spread": "output channels' weight ranges differ widely",
@@ -44,7 +49,7 @@ class LayerCauses:
     dead_channels: list[int] = field(default_factory=list)  # the first LIST_CHANNELS
     dead_weight_absmax: float | None = None  # max |w| over weights multiplying dead inputs
     live_weight_absmax: float | None = None
-    dead_range_inflation: float = 1.0  # max over output channels: absmax all weights / absmax live ones
+    dead_range_inflation: float = 1.0  # max over output channels: absmax all weights / absmax live ones (inf: no live)
     dead_inflated_outputs: int = 0  # output channels whose range a dead-input weight sets
     range_spread: float = 1.0
     causes: list[str] = field(default_factory=list)
@@ -82,7 +87,9 @@ def _dead_figures(module: nn.Module, dead: torch.Tensor, out: LayerCauses) -> No
     full = weight.reshape(weight.shape[0], -1).amax(1)
     out.dead_weight_absmax = float(weight[on_dead].max())
     out.live_weight_absmax = float(live.max())
-    inflation = full / live.clamp_min(1e-300)
+    # An output channel whose live weights are all zero gets its whole range from dead inputs: inf.
+    inflation = torch.where(live > 0, full / live.clamp_min(torch.finfo(torch.float64).tiny),
+                            torch.where(full > 0, torch.inf, 1.0))
     out.dead_range_inflation = float(inflation.max())
     out.dead_inflated_outputs = int((full > live).sum())
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from deploykit.files import atomic_dir
-from deploykit.quant.analyze import FIXES, Analysis
+from deploykit.quant.analyze import BF16_OK_DB, FIXES, Analysis
 from deploykit.quant.causes import CAUSES
 
 # Quoted from the RepOptimizers paper (Ding et al., ICLR 2023; ImageNet-trained B1 models):
@@ -59,7 +59,13 @@ def to_markdown(analysis: Analysis, *, top: int = 10) -> str:
         f"{_num(analysis.int8_logit_sqnr_db.get('per_tensor'), 1)} |",
         f"| INT8 fake-quant, per-channel weights | {_pct(analysis.int8_top1.get('per_channel'))} | "
         f"{_num(analysis.int8_logit_sqnr_db.get('per_channel'), 1)} |",
+        f"| bf16 rounding of every Conv/Linear input and weight, no int8 | | {_num(analysis.bf16_logit_sqnr_db, 1)} |",
     ]
+    if analysis.bf16_logit_sqnr_db < BF16_OK_DB:
+        lines += ["", f"**The model itself does not bear reduced precision**: rounding to bf16 alone leaves the logits at "
+                  f"{_num(analysis.bf16_logit_sqnr_db, 1)} dB SQNR (below {BF16_OK_DB:.0f} dB; bf16 rounds ~19 dB finer than int8). The layers after "
+                  "a small error amplify it; no int8 scheme or weight fix can hold such a model: keep it in float, or "
+                  "fix the network (its normalization statistics, its training)."]
     if analysis.reference:
         ref = analysis.reference
         lines += ["", f"On {ref['count']} images of {ref['data']}: FP32 {_pct(ref['top1']['fp32'])}%, "
@@ -84,9 +90,10 @@ def to_markdown(analysis: Analysis, *, top: int = 10) -> str:
         "",
         f"## Layers that hurt most (each quantized alone, {scheme} weights)",
         "",
-        "| rank | layer | fused from | logit SQNR (dB) | top-1 drop (pts) | weight SQNR tensor / channel (dB) "
+        "| rank | layer | fused from | logit SQNR (dB) | output SQNR per channel (dB) | error gain after it (dB) "
+        "| top-1 drop (pts) | weight SQNR tensor / channel (dB) "
         "| input SQNR (dB) | input channel spread | bias shift | cause | suggested fix |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for rank, name in enumerate(analysis.ranking[:top], 1):
         layer = by_name[name]
@@ -95,7 +102,8 @@ def to_markdown(analysis: Analysis, *, top: int = 10) -> str:
         sources = ", ".join(s.split(":", 1)[-1] for s in kept) or "-"
         fix = FIXES[layer.fix] + (f" ({layer.previous})" if layer.fix == "equalize" and layer.previous else "")
         lines.append(
-            f"| {rank} | `{name}` | {sources} | {_num(layer.logit_sqnr_db, 1)} | {_num(layer.top1_drop)} | "
+            f"| {rank} | `{name}` | {sources} | {_num(layer.logit_sqnr_db, 1)} | {_num(layer.output_channel_sqnr_db, 1)} | "
+            f"{_num(layer.error_gain_db, 1)} | {_num(layer.top1_drop)} | "
             f"{_num(layer.weight_sqnr_tensor_db, 1)} / {_num(layer.weight_sqnr_channel_db, 1)} | "
             f"{_num(layer.act_sqnr_db, 1)} | {_num(layer.act_channel_spread, 1)} | {_num(layer.bias_shift, 3)} | "
             f"{_causes(layer)} | {fix} |"
