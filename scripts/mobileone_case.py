@@ -113,6 +113,19 @@ def by_hand(args: argparse.Namespace) -> dict:
     done = args.work / "by-hand.json"
     if done.is_file():
         return json.loads(done.read_text())
+    import contextlib
+    import tempfile
+
+    # A failed ONNX Runtime pre-processing run here left a 59 MB <uuid>.data file in the working
+    # directory: run in a scratch directory, every path absolute.
+    args = argparse.Namespace(**{**vars(args), "work": args.work.resolve(), "calib": str(Path(args.calib).resolve())})
+    with tempfile.TemporaryDirectory(prefix="mobileone-by-hand-") as scratch, contextlib.chdir(scratch):
+        figures = _by_hand(args)
+    done.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def _by_hand(args: argparse.Namespace) -> dict:
     from deploykit.privacy import quiet_runtimes
 
     quiet_runtimes()  # telemetry off before onnxruntime / openvino / nncf initialize
@@ -183,11 +196,9 @@ def by_hand(args: argparse.Namespace) -> dict:
         return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
                 "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
 
-    figures = {"samples": len(calib.held_out),
-               **{k: {"failed": v} if isinstance(v, str) else agreement(v) for k, v in results.items()}}
-    done.write_text(json.dumps(figures, indent=2))
     int8.unlink(missing_ok=True)
-    return figures
+    return {"samples": len(calib.held_out),
+            **{k: {"failed": v} if isinstance(v, str) else agreement(v) for k, v in results.items()}}
 
 
 def _fix_steps(meta: dict) -> str:
