@@ -34,13 +34,17 @@ TARGETS = ("onnxruntime", "openvino")
 VARIANTS = (("fp32", None), ("int8", None), ("int8", "zero-dead"), ("int8", "repvgg"))
 
 
-def _run(argv: list[str], log: Path) -> None:
-    """Run one deploykit command; its output goes to ``log``."""
+def _run(argv: list[str], log: Path, *, gate_ok: bool = False) -> str | None:
+    """Run one deploykit command; its output goes to ``log``. A quality gate that fails (exit 3)
+    is a result when ``gate_ok``: its error line is returned."""
     with log.open("w") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode == 3 and gate_ok:
+        return next((line for line in reversed(log.read_text().splitlines()) if line.startswith("error")), "exit 3")
     if done.returncode != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         raise SystemExit(f"failed ({done.returncode}): {shlex.join(argv)}\n" + "\n".join(tail))
+    return None
 
 
 def _shown(argv: list[str]) -> str:
@@ -74,10 +78,14 @@ def main() -> int:
                     "--verify-samples", str(args.verify_samples), "--threads", str(args.threads),
                     *(["--int8-fix", fix] if fix else []), "--out", str(out)]
             commands.append(_shown(argv))
-            if not (out / "build.json").is_file():
+            failed = out.with_name(name + ".failed")
+            if not (out / "build.json").is_file() and not failed.is_file():
                 print(f"{name} ...", file=sys.stderr, flush=True)
-                _run(argv, args.work / "logs" / f"{name}.log")
-            meta = json.loads((out / "build.json").read_text())
+                error = _run(argv, args.work / "logs" / f"{name}.log", gate_ok=True)
+                if error:
+                    failed.write_text(error + "\n")
+            meta = ({"failed": failed.read_text().strip()} if failed.is_file()
+                    else json.loads((out / "build.json").read_text()))
             rows.append((target, precision, fix, meta))
     analysis = args.work / "analysis"
     argv = [*dk, "analyze", args.model, *common, "--verify-samples", str(args.analyze_samples), "--top", "8",
@@ -116,8 +124,8 @@ def by_hand(args: argparse.Namespace) -> dict:
     import contextlib
     import tempfile
 
-    # A failed ONNX Runtime pre-processing run here left a 59 MB <uuid>.data file in the working
-    # directory: run in a scratch directory, every path absolute.
+    # A failed ONNX Runtime pre-processing run here left a 59 MB <uuid>.data file and
+    # sym_shape_infer_temp.onnx in the working directory: run in a scratch directory, paths absolute.
     args = argparse.Namespace(**{**vars(args), "work": args.work.resolve(), "calib": str(Path(args.calib).resolve())})
     with tempfile.TemporaryDirectory(prefix="mobileone-by-hand-") as scratch, contextlib.chdir(scratch):
         figures = _by_hand(args)
@@ -226,9 +234,17 @@ def _finding(rows: list, analysis: dict) -> list[str]:
     for target in TARGETS:
         cos = {fix: meta.get("verification", {}).get("cosine_mean") for t, p, fix, meta in rows
                if t == target and p == "int8"}
-        plain, best = cos.get(None), max((v, f) for f, v in cos.items() if f and v is not None)
+        plain, fixed = cos.get(None), [(v, f) for f, v in cos.items() if f and v is not None]
+        if plain is None or not fixed:
+            continue
+        best = max(fixed)
         out.append(f"- {target}: plain INT8 logit cosine {plain:.3f}; the best named fix (`{best[1]}`) "
                    f"{best[0]:.3f}.")
+    for target, precision, _, meta in rows:
+        if precision == "fp32" and "failed" in meta:
+            out.append(f"- {target} FP32 fails deploykit's equivalence gate on this model ({meta['failed']}): "
+                       "the runtime's own f32 kernels already diverge from PyTorch on some inputs, as an amplifying network "
+                       "makes any difference in rounding do.")
     layers = analysis.get("layers", [])
     amplified = [x for x in layers if "amplified" in (x.get("causes") or {}).get("causes", [])]
     bf16 = float(analysis.get("bf16_logit_sqnr_db", float("nan")))
@@ -254,7 +270,7 @@ def render(rows: list, analysis: dict, hand: dict, commands: list[str], args: ar
     lines = [
         "# INT8 of timm's mobileone_s4 (random BN statistics): diagnosis and fix",
         "",
-        f"Measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} on {device.get('cpu', '?')} "
+        f"Written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from the runs in `{args.work}`, measured on {device.get('cpu', '?')} "
         f"(ISA: {', '.join(device.get('isa', [])) or '?'}), {args.threads} threads; "
         + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
         "",
@@ -270,6 +286,10 @@ def render(rows: list, analysis: dict, hand: dict, commands: list[str], args: ar
         "|---|---|---|---:|---:|---:|---|---:|",
     ]
     for target, precision, fix, meta in rows:
+        if "failed" in meta:
+            failed = meta["failed"].replace("|", "\\|")  # the message's |x| must not split the table cell
+            lines.append(f"| {target} | {precision} | {fix or '-'} | {failed} | | | | |")
+            continue
         v = meta.get("verification", {})
         lines.append(f"| {target} | {precision} | {fix or '-'} | {v.get('cosine_mean', float('nan')):.4f} | "
                      f"{v.get('cosine_min', float('nan')):.4f} | {100 * v.get('top1_agreement', float('nan')):.1f} | "

@@ -47,13 +47,14 @@ VERIFY_SAMPLES=${VERIFY_SAMPLES:-1000}  # held-out train images the max-drop loo
 EVAL_LIMIT=${EVAL_LIMIT:-}              # empty: the whole test split (10,000 images)
 ANALYZE_SAMPLES=${ANALYZE_SAMPLES:-1000}  # held-out train images the per-layer diagnosis is measured on
 
-# Seconds per epoch (50,000 images + validation on 10,000) at WIDTH 0.25, 2 threads, as measured
-# by the run behind reports/quantization-repvgg-vs-repopt.md on this 2-core EPYC (see its training
-# table); only for the estimate printed below. Expect more under heavier load.
-SEC_PER_EPOCH_REPVGG=${SEC_PER_EPOCH_REPVGG:-155}
-SEC_PER_EPOCH_REPOPT_HS=${SEC_PER_EPOCH_REPOPT_HS:-124}
-SEC_PER_EPOCH_REPOPT=${SEC_PER_EPOCH_REPOPT:-88}
-SEC_PER_EPOCH_QAREPVGG=${SEC_PER_EPOCH_QAREPVGG:-$SEC_PER_EPOCH_REPVGG}  # not measured yet: assumed RepVGG's
+# Seconds per epoch (50,000 images, validation every 8th epoch, torch.compile once) with the recipe
+# of scripts/train_three.sh (WIDTH 0.5, bf16), 2 threads, as measured by the run behind
+# reports/quantization-repvgg-vs-repopt.md on a 2-core Intel Xeon with AMX-BF16 (its training
+# table); only for the estimate printed below. Without bf16 units or torch.compile expect ~2x.
+SEC_PER_EPOCH_REPVGG=${SEC_PER_EPOCH_REPVGG:-102}
+SEC_PER_EPOCH_REPOPT_HS=${SEC_PER_EPOCH_REPOPT_HS:-104}
+SEC_PER_EPOCH_REPOPT=${SEC_PER_EPOCH_REPOPT:-54}
+SEC_PER_EPOCH_QAREPVGG=${SEC_PER_EPOCH_QAREPVGG:-103}
 FAST_ARGS=${FAST_ARGS:-}        # e.g. "--schedule onecycle --precision auto --ema 0.999 --tta-flip" (scripts/train_three.sh)
 REPVGG_ARGS=${REPVGG_ARGS:-}    # e.g. "--custom-l2" (the official RepVGG recipe)
 KEEP_EVERY=${KEEP_EVERY:-}      # keep every N-th epoch's weights; each is evaluated in section 2b

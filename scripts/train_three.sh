@@ -9,8 +9,9 @@
 #     VERIFY_SAMPLES=100 ANALYZE_SAMPLES=100 REPORT=/tmp/t3/report.md bash scripts/train_three.sh
 #                                                                 a smoke run of every command
 # Measured with this recipe on a quiet 2-core Intel Xeon (AMX-BF16): RepVGG-A0 98 s/epoch (54 min),
-# RepOpt-VGG-A0 3 hyper-search epochs + 32 target epochs at 54 s/epoch (34 min); then ~12 min of
-# builds, evaluations and latency per model (reports/quantization-repvgg-vs-repopt.md).
+# RepOpt-VGG-A0 3 hyper-search epochs + 32 target epochs at 54 s/epoch (34 min), QARepVGG-A0 89 s/epoch
+# (55 min); then ~15-20 min of builds, evaluations, analyses and latency per model
+# (reports/quantization-repvgg-vs-repopt.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,7 @@ export REPVGG_ARGS=${REPVGG_ARGS---custom-l2}
 export WORK=${WORK:-runs/train-32}
 export REPORT=${REPORT:-reports/quantization-repvgg-vs-repopt.md}
 export COMMAND=${COMMAND:-bash scripts/train_three.sh}   # what the report says ran it
-# The RepVGG-A0 checkpoint the demo uses (scripts/pack_checkpoint.py of train/repvgg/model.safetensors).
-export SHIPPED=${SHIPPED-checkpoints/repvgg_a0-cifar10-w0.5.safetensors}
+# The checkpoints kept in the repository (scripts/pack_checkpoint.py of train/repvgg/model.safetensors,
+# the one the demo uses, and of train/repopt/target/model.safetensors); QARepVGG's would pass 8 MB.
+export SHIPPED=${SHIPPED-checkpoints/repvgg_a0-cifar10-w0.5.safetensors checkpoints/repopt_vgg_a0-cifar10-w0.5.safetensors}
 exec bash scripts/quant_report.sh
