@@ -214,7 +214,6 @@ class _Probe(FakeQuantLayer):
         super().__init__(layer, act_range, per_channel=per_channel, weights=True)
         self.float_layer = layer
         self.signal = self.noise = 0.0
-        self.channel_signal: torch.Tensor | None = None
         self.channel_noise: torch.Tensor | None = None
         self.sum_fp: torch.Tensor | None = None
         self.sum_q: torch.Tensor | None = None
@@ -231,7 +230,6 @@ class _Probe(FakeQuantLayer):
         n = ref.numel() // ref.shape[1]
         s_fp, s_q, ss_fp = ref.sum(dims), q.sum(dims), (ref**2).sum(dims)
         noise = ((ref - q) ** 2).sum(dims)
-        self.channel_signal = ss_fp if self.channel_signal is None else self.channel_signal + ss_fp
         self.channel_noise = noise if self.channel_noise is None else self.channel_noise + noise
         self.sum_fp = s_fp if self.sum_fp is None else self.sum_fp + s_fp
         self.sum_q = s_q if self.sum_q is None else self.sum_q + s_q
@@ -244,30 +242,19 @@ class _Probe(FakeQuantLayer):
         std_fp = (self.sumsq_fp / self.count - mean_fp**2).clamp_min(0).sqrt().clamp_min(1e-12)
         snr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
         exact = self.channel_noise == 0
-        per_channel = 10 * torch.log10(self.channel_signal.clamp_min(1e-300) / self.channel_noise.clamp_min(1e-300))
+        per_channel = 10 * torch.log10(self.sumsq_fp.clamp_min(1e-300) / self.channel_noise.clamp_min(1e-300))
         per_channel = torch.where(exact, 100.0, per_channel).clamp(-100.0, 100.0)
         return {"output_sqnr_db": snr, "output_channel_sqnr_db": float(per_channel.mean()),
                 "bias_shift": float(((mean_q - mean_fp).abs() / std_fp).max())}
 
 
-class _Rounded(nn.Module):
-    """A Conv2d/Linear whose weight and input are rounded to ``dtype`` and computed in float32."""
-
-    def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.layer, self.dtype = copy.deepcopy(layer), dtype
-        with torch.no_grad():
-            self.layer.weight.copy_(layer.weight.to(dtype).float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x.to(self.dtype).float())
-
-
-def _rounded(model: nn.Module, layers: dict[str, nn.Module], dtype: torch.dtype) -> nn.Module:
-    """A copy of ``model`` with every layer in ``layers`` rounded to ``dtype`` (weights and inputs)."""
-    rounded = copy.deepcopy(model)
-    for name, layer in layers.items():
-        set_submodule(rounded, name, _Rounded(layer, dtype))
+def _rounded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` whose Conv2d/Linear weights and inputs are rounded to ``dtype`` (computed in float32)."""
+    rounded = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for layer in quantizable_layers(rounded).values():
+            layer.weight.copy_(layer.weight.to(dtype).float())
+            layer.register_forward_pre_hook(lambda _, args: (args[0].to(dtype).float(), *args[1:]))
     return rounded
 
 
@@ -360,7 +347,7 @@ def analyze(
         logits = predict(fake_quantize(model, ranges, per_channel=channel), evaluation)
         int8_top1[scheme] = _top1(logits, reference) if labels is not None else None
         int8_sqnr[scheme] = sqnr_db(fp_logits, logits)
-    bf16_sqnr = sqnr_db(fp_logits, predict(_rounded(model, layers, torch.bfloat16), evaluation))
+    bf16_sqnr = sqnr_db(fp_logits, predict(_rounded(model, torch.bfloat16), evaluation))
     ranking = [r.name for r in sorted(reports, key=lambda r: (r.logit_sqnr_db, -(r.top1_drop or 0.0)))]
     train_kernels = None
     if train_model is not None:
