@@ -143,6 +143,7 @@ def _by_hand(args: argparse.Namespace) -> dict:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from deploykit.calib import load_calibration
+    from deploykit.verify import compare
 
     build = args.work / "build"
     fp32 = build / "onnxruntime-fp32" / "model.onnx"
@@ -198,11 +199,9 @@ def _by_hand(args: argparse.Namespace) -> dict:
         except Exception as err:  # what the user would see: the library's own error
             results[who] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:240]}"
 
-    def agreement(out: np.ndarray) -> dict:
-        a, b = reference.astype(np.float64), out.astype(np.float64)
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-                "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
+    def agreement(out: np.ndarray) -> dict:  # the figures the builds' verification reports
+        c = compare(reference, out)
+        return {"cosine_mean": c.cosine_mean, "cosine_min": c.cosine_min, "top1_agreement": c.top1_agreement}
 
     int8.unlink(missing_ok=True)
     return {"samples": len(calib.held_out),
