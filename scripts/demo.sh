@@ -28,33 +28,38 @@ $DK fuse repvgg_a0 --out "$OUT/repvgg_a0-fused.safetensors" --report "$OUT/repvg
 step "export the fused model to ONNX"
 $DK export "$OUT/repvgg_a0-fused.safetensors" --out "$OUT/repvgg_a0-fused.onnx" --report "$OUT/repvgg_a0-export.json" --force
 
-calib=() budget=()
+calib=()
 if [ -f "$DATA" ]; then
-  calib=(--calib "$DATA") budget=(--max-drop 1.0)
+  calib=(--calib "$DATA")
   step "FP32 top-1 of the trained RepVGG-A0 ($CKPT) on the CIFAR-10 test split"
   $DK eval "$CKPT" --data "$DATA" --split test
 else
   echo "note: no dataset at $DATA; INT8 calibrates on the synthetic fallback (accuracy needs --calib DIR)"
 fi
 
+# int8 NAME [BUILD OPTIONS...]: the trained RepVGG-A0 built for $target into $OUT/repvgg_a0-cifar-$target-NAME;
+# top1 NAME: that artifact's top-1 on the test split.
+int8() {
+  local name=$1; shift
+  $DK build "$CKPT" --target "$target" --precision int8 "${calib[@]}" --calib-samples 300 "$@" \
+    --out "$OUT/repvgg_a0-cifar-$target-$name" --force
+}
+top1() { $DK eval "$OUT/repvgg_a0-cifar-$target-$1" --data "$DATA" --split test; }
+
 for target in onnxruntime openvino mnn; do
   step "build the trained RepVGG-A0 for $target int8 (plain)"
-  $DK build "$CKPT" --target "$target" --precision int8 "${calib[@]}" --calib-samples 300 \
-    --out "$OUT/repvgg_a0-cifar-$target-int8" --force
+  int8 int8
   [ -f "$DATA" ] || continue
-  $DK eval "$OUT/repvgg_a0-cifar-$target-int8" --data "$DATA" --split test
+  top1 int8
   step "$target int8 within 1 point of FP32 (--max-drop 1.0: deploykit's fix steps in where plain INT8 loses more)"
-  fixed="$OUT/repvgg_a0-cifar-$target-int8-maxdrop"
-  if $DK build "$CKPT" --target "$target" --precision int8 "${calib[@]}" --calib-samples 300 "${budget[@]}" \
-      --out "$fixed" --force; then
-    $DK eval "$fixed" --data "$DATA" --split test
+  if int8 int8-maxdrop --max-drop 1.0; then
+    top1 int8-maxdrop
   else
     rc=$?
     [ "$rc" -eq 3 ] || exit "$rc"  # 3: no recipe meets the budget (said above); anything else is a failure
     step "no recipe within 1 point on $target: the named fix, no budget (--int8-fix repvgg)"
-    $DK build "$CKPT" --target "$target" --precision int8 "${calib[@]}" --calib-samples 300 --int8-fix repvgg \
-      --out "$OUT/repvgg_a0-cifar-$target-int8-fix" --force
-    $DK eval "$OUT/repvgg_a0-cifar-$target-int8-fix" --data "$DATA" --split test
+    int8 int8-fix --int8-fix repvgg
+    top1 int8-fix
   fi
 done
 
