@@ -98,9 +98,10 @@ def main() -> int:
     hand = by_hand(args)
     report = render(rows, json.loads((analysis / "analysis.json").read_text()), hand, commands, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(report)
-    tmp.replace(args.out)
+    from deploykit.files import atomic_file
+
+    with atomic_file(args.out, force=True) as tmp:
+        tmp.write_text(report)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
