@@ -46,6 +46,25 @@ class Arithmetic:
         return {**asdict(self), "features": list(self.features)}
 
 
+# x86 int8 dot-product instructions that add u8 x s8 products into int32 without an int16 step.
+INT8_DOT_FLAGS = {"avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8"}
+X86_FLAGS = ("sse4_1", "avx2")  # present on every x86-64 CPU int8 kernels run on
+
+
+def int8_dot_note(flags: Iterable[str], exact: bool) -> str:
+    """How u8 x s8 products are summed on a CPU with ``flags`` (x86 without VNNI: through a
+    saturating int16 unless ``exact``, ORT's x64_quant_precision); "" where not x86."""
+    flags = frozenset(flags)
+    if not any(f in flags for f in X86_FLAGS):
+        return ""
+    found = [name for flag, name in INT8_DOT_FLAGS.items() if flag in flags]
+    if found:
+        return f"u8s8 dot products in int32 ({', '.join(found)})"
+    if exact:
+        return "no VNNI on this CPU: weights beyond 7 bits run as u8u8 (exact, slower than u8s8)"
+    return "no VNNI on this CPU: u8s8 pairs are summed in a saturating int16 (x64_quant_precision off)"
+
+
 def cpu_flags() -> frozenset[str]:
     """This machine's ISA flags, read from /proc/cpuinfo."""
     from deploykit.device import _cpuinfo, _read

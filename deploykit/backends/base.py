@@ -109,6 +109,10 @@ class Backend(Protocol):
         """(runtime version, device) the built files are tied to, from its build facts; (None, None):
         not tied (the version is then the one tool_versions recorded)."""
 
+    def runtime_config(self, facts: dict[str, Any]) -> dict[str, str]:
+        """Settings the runtime is given when it loads the built files, from their build facts (a
+        bundle's runner applies them too, so a device computes as the build was verified)."""
+
     def build(self, onnx_path: Path, out_dir: Path, config: BuildConfig) -> dict[str, Any]:
         """Write model files into ``out_dir``; return backend facts for build.json."""
 
@@ -154,6 +158,9 @@ class BackendBase:
 
     def built_with(self, facts: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
         return None, None
+
+    def runtime_config(self, facts: dict[str, Any]) -> dict[str, str]:
+        return {}
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def _runtime(artifact: Artifact, backend: Backend, installed: str | None) -> Run
     built = next((versions[d] for d in backend.distributions if d in versions), None)
     tied_version, device = backend.built_with(artifact.backend)
     return Runtime(backend=artifact.target, module=backend.runtime_module, version=tied_version or built or installed,
-                   device=device)
+                   device=device, config=backend.runtime_config(artifact.backend))
 
 
 def _write_archive(stage: Path, out: Path, force: bool) -> None:

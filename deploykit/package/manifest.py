@@ -73,6 +73,7 @@ class Runtime(_Strict):
     module: str
     version: str | None  # the version that built the artifact
     device: dict[str, Any] | None = None  # TensorRT: the GPU the engine was built for
+    config: dict[str, str] = Field(default_factory=dict)  # settings the runtime loads the model with
 
 
 class Golden(_Strict):

@@ -166,6 +166,8 @@ def load_onnxruntime(path: Path, manifest: dict, threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.log_severity_level = 3
+    for key, value in manifest["runtime"].get("config", {}).items():  # as the build was verified
+        opts.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return (lambda x: session.run(None, {name: x})[0]), installed_version("onnxruntime", ort)
