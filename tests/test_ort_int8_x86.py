@@ -130,3 +130,28 @@ def test_a_bundle_runs_with_the_setting(built, tmp_path: Path) -> None:
     artifact = build(True)
     backend = get_backend("onnxruntime")
     assert _runtime(artifact, backend, backend.version()).config == {X64: "1"}
+
+
+def test_a_model_the_setting_breaks_still_builds_and_says_so(tmp_path: Path) -> None:
+    """ORT 1.32's u8u8 transformer (x86 without VNNI only) fails on the unfused tiny RepVGG: its
+    untrained identity BN has scale and variance merged into one quantized initializer."""
+    from deploykit.calib import load_calibration
+    from deploykit.export import export_onnx
+    from deploykit.loading import load_model
+
+    from tiny_model import write_tiny_model
+
+    onnx_path = tmp_path / "unfused.onnx"
+    export_onnx(load_model(write_tiny_model(tmp_path / "tiny", None)).model, onnx_path, input_size=32)
+    out = tmp_path / "int8"
+    out.mkdir()
+    config = BuildConfig(precision="int8", threads=2, calibration=load_calibration(None, input_size=32, num_samples=16))
+    facts = get_backend("onnxruntime").build(onnx_path, out, config)
+    if SATURATES_HERE:
+        assert facts["session_config"] == {} and "cannot apply session.x64quantprecision" in facts["session_config_dropped"]
+        assert "saturating int16" in facts["arithmetic"]["note"]
+    else:
+        assert facts["session_config"] == {X64: "1"} and facts["session_config_dropped"] is None
+    runner = get_backend("onnxruntime").load(Artifact.staged(out, "onnxruntime", "int8", facts), threads=2)
+    assert runner.config == facts["session_config"]
+    assert np.isfinite(runner(config.calibration.held_out)).all()

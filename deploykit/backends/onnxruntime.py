@@ -14,6 +14,8 @@ fp16 kernel, so its arithmetic is recorded as fp32 on x86.
 """
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ from deploykit.errors import DeployError, MissingBackendError
 from deploykit.onnxio import fixed_batch, onnx_io
 from deploykit.files import temp_dir
 from deploykit.quiet import drop_log_records
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 
@@ -65,18 +69,18 @@ def _ort():
     return onnxruntime
 
 
-def runtime_config(options: dict[str, Any]) -> dict[str, str]:
-    """The session config entries an artifact built with ``options`` is verified and run with."""
+def wanted_config(options: dict[str, Any]) -> dict[str, str]:
+    """The session config entries a build with ``options`` asks for."""
     return {X64_QUANT_PRECISION: "1"} if options.get("x64_quant_precision", True) else {}
 
 
 def session(path: Path, *, threads: int, level: str = "all", save_to: Path | None = None,
             config: dict[str, str] | None = None):
     """An ORT CPU session with explicit threads and session ``config`` entries (default: those of
-    ``runtime_config({})``, exact int8 on CPUs without VNNI); optionally save the optimized graph."""
+    ``wanted_config({})``, exact int8 on CPUs without VNNI); optionally save the optimized graph."""
     ort = _ort()
     opts = ort.SessionOptions()
-    for key, value in (runtime_config({}) if config is None else config).items():
+    for key, value in (wanted_config({}) if config is None else config).items():
         opts.add_session_config_entry(key, value)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -96,10 +100,30 @@ def session(path: Path, *, threads: int, level: str = "all", save_to: Path | Non
         raise DeployError(f"onnxruntime cannot load {path.name}: {first}") from err
 
 
+def session_with_fallback(path: Path, *, threads: int, config: dict[str, str]) -> tuple[Any, dict[str, str], str | None]:
+    """(session, the config it runs with, why a wanted entry was dropped). ORT 1.32's u8s8 -> u8u8
+    transformer, which runs only on x86 CPUs without VNNI, fails on some models ("Attempt to
+    replace the existing tensor": one quantized initializer feeding two inputs of a node, as an
+    untrained BatchNormalization whose scale and variance the exporter merged); the model then
+    loads without it, as u8s8, and says so."""
+    try:
+        return session(path, threads=threads, config=config), config, None
+    except DeployError as err:
+        if X64_QUANT_PRECISION not in config:
+            raise
+        rest = {k: v for k, v in config.items() if k != X64_QUANT_PRECISION}
+        loaded = session(path, threads=threads, config=rest)
+        why = (f"onnxruntime cannot apply {X64_QUANT_PRECISION} to {path.name} ({err}); it runs u8s8 as is, "
+               "whose int16 sums saturate on x86 CPUs without VNNI")
+        logger.warning("%s", why)
+        return loaded, rest, why
+
+
 class OnnxRuntimeRunner:
     def __init__(self, path: Path, *, threads: int, config: dict[str, str] | None = None) -> None:
         self.threads = threads
-        self.session = session(path, threads=threads, config=config)
+        self.session, self.config, _ = session_with_fallback(path, threads=threads,
+                                                             config=wanted_config({}) if config is None else config)
         self.input_name = self.session.get_inputs()[0].name
         self.batch = fixed_batch(onnx_io(path))
 
@@ -151,16 +175,19 @@ class OnnxRuntimeBackend(BackendBase):
             self._build_fp16(onnx_path, out)
         else:
             self._build_int8(onnx_path, out, config, options)
-        session(out, threads=config.threads, config=runtime_config(options))  # fails here if it does not load
+        # Fails here, not at first use, if the result does not load; the config it loads with is
+        # what it is verified and run with (runtime_config).
+        _, session_config, dropped = session_with_fallback(out, threads=config.threads, config=wanted_config(options))
         from deploykit.precision import Arithmetic, cpu_flags, int8_dot_note
 
         # ORT's API does not expose kernel precision per node; what is known is stated.
-        dot = int8_dot_note(cpu_flags(), options.get("x64_quant_precision", True))
+        dot = int8_dot_note(cpu_flags(), X64_QUANT_PRECISION in session_config)
         note = {"fp16": "fp16 storage; CPU EP computes fp16 nodes behind casts in fp32",
                 "int8": "; ".join(filter(None, ["QDQ: int8 convolutions/matmuls, fp32 elsewhere", dot]))
                 }.get(config.precision, "")
         arithmetic = Arithmetic(config.precision, "fp32", True, (), note=note)
         return {"model_file": MODEL_FILE, "batch": fixed_batch(onnx_io(out)), "options": options,
+                "session_config": session_config, "session_config_dropped": dropped,
                 "inference_precision": "fp32", "arithmetic": arithmetic.to_dict()}
 
     def _build_fp16(self, onnx_path: Path, out: Path) -> None:
@@ -214,7 +241,7 @@ class OnnxRuntimeBackend(BackendBase):
                 raise DeployError(f"onnxruntime int8 quantization failed: {type(err).__name__}: {err}") from err
 
     def runtime_config(self, facts: dict[str, Any]) -> dict[str, str]:
-        return runtime_config(facts.get("options", {}))
+        return dict(facts.get("session_config") or {})  # none recorded: built before there was one
 
     def load(self, artifact: Artifact, *, threads: int) -> OnnxRuntimeRunner:
         return OnnxRuntimeRunner(artifact.path / artifact.backend["model_file"], threads=threads,
