@@ -180,6 +180,9 @@ def ray_env() -> dict[str, str]:
     env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="5000",
                RAY_health_check_failure_threshold="5", RAY_health_check_initial_delay_ms="2000",
                RAY_raylet_start_wait_time_s="180",  # a loaded 2-core machine starts nodes slowly
+               # The Ray Client proxy gives a client's own server process 30 s to open its channel, then
+               # answers "Initialization failure from server": seen once on a loaded AVX2 2-core machine.
+               RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="180",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # stop at once: nothing to drain in a test
     return env
 
