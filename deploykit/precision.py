@@ -62,7 +62,7 @@ def int8_dot_note(flags: Iterable[str], exact: bool) -> str:
         return f"u8s8 dot products in int32 ({', '.join(found)})"
     if exact:
         return "no VNNI on this CPU: weights beyond 7 bits run as u8u8 (exact, slower than u8s8)"
-    return "no VNNI on this CPU: u8s8 pairs are summed in a saturating int16 (x64_quant_precision off)"
+    return "no VNNI on this CPU: u8s8 pairs are summed in a saturating int16 (no session.x64quantprecision)"
 
 
 def cpu_flags() -> frozenset[str]:

@@ -15,7 +15,6 @@ fp16 kernel, so its arithmetic is recorded as fp32 on x86.
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 from typing import Any
 
@@ -100,19 +99,20 @@ def session(path: Path, *, threads: int, level: str = "all", save_to: Path | Non
         raise DeployError(f"onnxruntime cannot load {path.name}: {first}") from err
 
 
-def session_with_fallback(path: Path, *, threads: int, config: dict[str, str]) -> tuple[Any, dict[str, str], str | None]:
+def session_with_fallback(path: Path, *, threads: int, config: dict[str, str],
+                          level: str = "all") -> tuple[Any, dict[str, str], str | None]:
     """(session, the config it runs with, why a wanted entry was dropped). ORT 1.32's u8s8 -> u8u8
     transformer, which runs only on x86 CPUs without VNNI, fails on some models ("Attempt to
     replace the existing tensor": one quantized initializer feeding two inputs of a node, as an
     untrained BatchNormalization whose scale and variance the exporter merged); the model then
     loads without it, as u8s8, and says so."""
     try:
-        return session(path, threads=threads, config=config), config, None
+        return session(path, threads=threads, level=level, config=config), config, None
     except DeployError as err:
         if X64_QUANT_PRECISION not in config:
             raise
         rest = {k: v for k, v in config.items() if k != X64_QUANT_PRECISION}
-        loaded = session(path, threads=threads, config=rest)
+        loaded = session(path, threads=threads, level=level, config=rest)
         why = (f"onnxruntime cannot apply {X64_QUANT_PRECISION} to {path.name} ({err}); it runs u8s8 as is, "
                "whose int16 sums saturate on x86 CPUs without VNNI")
         logger.warning("%s", why)

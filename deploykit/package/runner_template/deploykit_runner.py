@@ -178,7 +178,7 @@ def load_onnxruntime(path: Path, manifest: dict, threads: int):
     except Exception as err:  # ORT's u8s8 -> u8u8 transformer runs only on x86 without VNNI and fails on some models
         if not config:
             raise
-        print(f"warning: onnxruntime cannot apply {', '.join(config)} here ({str(err).splitlines()[0]}); "
+        print(f"warning: onnxruntime cannot apply {', '.join(config)} here ({(str(err).strip().splitlines() or [type(err).__name__])[0]}); "
               "running without: the self-test decides", file=sys.stderr)
         session = open_session({})
     name = session.get_inputs()[0].name
