@@ -51,6 +51,10 @@ PROBE_TIMEOUT_S = 300.0  # a host's first task starts a Python worker and import
 Event = Callable[[str, str, dict[str, Any]], None]
 
 
+CONNECT_ATTEMPTS = 3  # Ray Client's transient initialization failure is asked again this often
+CONNECT_RETRY_S = 5.0
+
+
 def _ray() -> Any:
     """Ray, imported with its usage statistics turned off for this process and what it starts."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -64,10 +68,18 @@ def _ray() -> Any:
 def connect(address: str) -> Any:
     """Join the Ray cluster at ``address`` (``HOST:6379``, or ``ray://HOST:10001`` through Ray Client)."""
     ray = _ray()
-    if not ray.is_initialized():
+    for attempt in range(CONNECT_ATTEMPTS):
+        if ray.is_initialized():
+            break
         try:
             ray.init(address=address, namespace="deploykit", log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as err:
+            # Ray Client's proxy answers "Initialization failure from server" when the server process it
+            # starts per client is not up in time (a loaded head): transient, so asked again.
+            if "Initialization failure from server" in str(err) and attempt + 1 < CONNECT_ATTEMPTS:
+                ray.shutdown()
+                time.sleep(CONNECT_RETRY_S * (attempt + 1))
+                continue
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DeployError(f"cannot join the Ray cluster at {address}: {first}") from err
     return ray
