@@ -60,20 +60,14 @@ def build(args: argparse.Namespace, name: str, options: tuple[str, ...]) -> tupl
 
 def dq_float_runner(artifact_dir: Path, threads: int):
     """The artifact's Q/DQ model with graph optimizations off: no fusion into integer kernels."""
-    import numpy as np
-    import onnxruntime as ort
-
     from deploykit.backends.base import run_in_batches
+    from deploykit.backends.onnxruntime import session
     from deploykit.onnxio import fixed_batch, onnx_io
 
     path = artifact_dir / "model.onnx"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: run_in_batches(lambda b: session.run(None, {name: b})[0],
-                                    np.ascontiguousarray(x, dtype=np.float32), fixed_batch(onnx_io(path)))
+    runner = session(path, threads=threads, level="disabled", config={})
+    name = runner.get_inputs()[0].name
+    return lambda x: run_in_batches(lambda b: runner.run(None, {name: b})[0], x, fixed_batch(onnx_io(path)))
 
 
 def main() -> int:
@@ -120,12 +114,10 @@ def main() -> int:
         rows.append({"name": name, "dir": out, "top1": top1, "kernels": on_kernels, "qdq": on_qdq,
                      "verification": artifact.record.verification or {}})
     latency = artifact_latency([row["dir"] for row in rows], threads=2, rounds=args.rounds)
-    base = None
     for row, timing in zip(rows, latency):
         row["latency"] = timing
         low, high = bootstrap_median_ci(timing["round_medians_ms"])
         row["ci"] = (low, high)
-        base = base or timing["median_ms"]
 
     def pct(value: float) -> str:
         return f"{100 * value:.2f}%"
@@ -152,7 +144,7 @@ def main() -> int:
         lines.append(
             f"| {row['name']} | {pct(row['top1'].top1)} | {100 * (fp32.top1 - row['top1'].top1):.2f} | "
             f"{kernels_vs_qdq} | {row['latency']['median_ms']:.3f} "
-            f"[{low:.3f}, {high:.3f}] | {row['latency']['median_ms'] / base:.2f}x |")
+            f"[{low:.3f}, {high:.3f}] | {row['latency']['median_ms'] / latency[0]['median_ms']:.2f}x |")
     on, off = rows[0], rows[1]
     int8_rows = [r for r in rows if r["name"] != FP32]
     within = [r for r in int8_rows if 100 * (fp32.top1 - r["top1"].top1) <= 1.0]

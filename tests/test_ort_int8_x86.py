@@ -69,14 +69,11 @@ def built(tmp_path_factory: pytest.TempPathFactory):
 
 def _dq_float(artifact: Artifact, inputs: np.ndarray) -> np.ndarray:
     """The Q/DQ graph evaluated as written: no fusion into integer kernels."""
-    import onnxruntime as ort
+    from deploykit.backends.onnxruntime import session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(artifact.path / artifact.backend["model_file"]), options,
-                                   providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[None]})[0] for x in inputs])
+    qdq = session(artifact.path / artifact.backend["model_file"], threads=2, level="disabled", config={})
+    name = qdq.get_inputs()[0].name
+    return np.concatenate([qdq.run(None, {name: x[None]})[0] for x in inputs])
 
 
 def _error(artifact: Artifact, calib) -> float:

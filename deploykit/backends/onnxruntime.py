@@ -86,6 +86,7 @@ def session(path: Path, *, threads: int, level: str = "all", save_to: Path | Non
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     opts.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,  # Q/DQ run as written: no integer kernels
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -99,13 +100,14 @@ def session(path: Path, *, threads: int, level: str = "all", save_to: Path | Non
         raise DeployError(f"onnxruntime cannot load {path.name}: {first}") from err
 
 
-def session_with_fallback(path: Path, *, threads: int, config: dict[str, str],
+def session_with_fallback(path: Path, *, threads: int, config: dict[str, str] | None = None,
                           level: str = "all") -> tuple[Any, dict[str, str], str | None]:
     """(session, the config it runs with, why a wanted entry was dropped). ORT 1.32's u8s8 -> u8u8
     transformer, which runs only on x86 CPUs without VNNI, fails on some models ("Attempt to
     replace the existing tensor": one quantized initializer feeding two inputs of a node, as an
     untrained BatchNormalization whose scale and variance the exporter merged); the model then
     loads without it, as u8s8, and says so."""
+    config = wanted_config({}) if config is None else config
     try:
         return session(path, threads=threads, level=level, config=config), config, None
     except DeployError as err:
@@ -122,8 +124,7 @@ def session_with_fallback(path: Path, *, threads: int, config: dict[str, str],
 class OnnxRuntimeRunner:
     def __init__(self, path: Path, *, threads: int, config: dict[str, str] | None = None) -> None:
         self.threads = threads
-        self.session, self.config, _ = session_with_fallback(path, threads=threads,
-                                                             config=wanted_config({}) if config is None else config)
+        self.session, self.config, _ = session_with_fallback(path, threads=threads, config=config)
         self.input_name = self.session.get_inputs()[0].name
         self.batch = fixed_batch(onnx_io(path))
 

@@ -407,9 +407,9 @@ def inspect_qdq(model_or_path: Any) -> QdqReport:
 def run_onnxruntime(path: Path, inputs: np.ndarray, *, threads: int = 2) -> np.ndarray:
     """Logits of an ONNX model on the ORT CPU provider (the check that needs no GPU)."""
     from deploykit.backends.base import run_in_batches
-    from deploykit.backends.onnxruntime import session_with_fallback, wanted_config
+    from deploykit.backends.onnxruntime import session_with_fallback
     from deploykit.onnxio import fixed_batch, onnx_io
 
-    runner, _, _ = session_with_fallback(Path(path), threads=threads, level="basic", config=wanted_config({}))
+    runner, _, _ = session_with_fallback(Path(path), threads=threads, level="basic")
     name = runner.get_inputs()[0].name
     return run_in_batches(lambda x: runner.run(None, {name: x})[0], inputs, fixed_batch(onnx_io(Path(path))))
