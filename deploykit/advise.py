@@ -6,12 +6,17 @@ FP32 PyTorch reference), and timed with the bench protocol (``deploykit.bench.ti
 until stable, then rounds interleaved across all candidates in an order rotated each round;
 ``deploykit.bench.stats``: median of round medians, bootstrap intervals, paired speed-up against
 PyTorch eager). The chosen artifact is the fastest whose top-1 drop is within the budget.
+
+Beside each target's defaults, the option sets a backend offers for this CPU
+(``Backend.variants``: trade-offs of exactness for speed, such as ONNX Runtime's saturating int8
+kernels on x86 without VNNI) are candidates too, so the budget, not a guess, decides them.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +40,7 @@ class AdviseRequest:
     precisions: tuple[str, ...] = ()  # empty: every precision of each target this CPU can run
     max_drop: float = 1.0  # top-1 points (negative: must beat the reference by that much)
     labels: bool = True  # False: score agreement even when the data has labels (they are not the model's classes)
+    variants: bool = True  # also each backend's option variants for this CPU (Backend.variants)
     num_classes: int | None = None
     cifar: bool | None = None
     threads: int = 2
@@ -50,11 +56,13 @@ class AdviseRequest:
 
 @dataclass
 class Candidate:
-    """One row: a target x precision (or a hand-made anchor), built, scored and timed."""
+    """One row: a target x precision x variant (or a hand-made anchor), built, scored and timed."""
 
     label: str
     target: str | None = None
     precision: str | None = None
+    variant: str | None = None  # a Backend.variants name; None: the target's defaults
+    options: dict[str, Any] = field(default_factory=dict)  # the variant's options, given to the build
     path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -73,11 +81,13 @@ class Candidate:
         plan = (self.meta.get("backend") or {}).get("arithmetic") or {}
         if not plan:
             return "-"
-        return plan["executes"] + ("" if plan.get("native", True) else " (not native)")
+        executes = plan["executes"] + ("" if plan.get("native", True) else " (not native)")
+        return f"int8 + {executes}" if self.precision == "int8" else executes  # the float parts' arithmetic
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "label": self.label, "target": self.target, "precision": self.precision, "executed": self.executed,
+            "label": self.label, "target": self.target, "precision": self.precision, "variant": self.variant,
+            "options": self.options, "executed": self.executed,
             "path": str(self.path) if self.path else None, "error": self.error, "top1": self.top1,
             "drop_points": self.drop, "latency": self.summary.to_dict() if self.summary else None,
             "speedup_vs_eager": self.speedup.to_dict() if self.speedup else None,
@@ -111,8 +121,27 @@ class Advice:
         }
 
 
-def plan(request: AdviseRequest) -> tuple[list[tuple[str, str]], list[Candidate]]:
-    """(target, precision) pairs to build, and rows for those this machine cannot build (with why)."""
+@dataclass(frozen=True)
+class Planned:
+    """One artifact to build: a target's precision, with its defaults or one of its variants."""
+
+    target: str
+    precision: str
+    variant: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.target} {self.precision}" + (f" [{self.variant}]" if self.variant else "")
+
+    @property
+    def folder(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.variant.lower()).strip("-") if self.variant else ""
+        return f"{self.target}-{self.precision}" + (f"-{slug}" if slug else "")
+
+
+def plan(request: AdviseRequest) -> tuple[list[Planned], list[Candidate]]:
+    """Artifacts to build, and rows for those this machine cannot build (with why)."""
     from deploykit.backends.base import BACKENDS, get_backend
     from deploykit.precision import cpu_flags, refusal
 
@@ -135,8 +164,11 @@ def plan(request: AdviseRequest) -> tuple[list[tuple[str, str]], list[Candidate]
             why = refusal(precision, flags)
             if why:
                 skipped.append(Candidate(f"{name} {precision}", name, precision, error=f"not on this CPU: {why}"))
-            else:
-                todo.append((name, precision))
+                continue
+            todo.append(Planned(name, precision))
+            if request.variants:
+                todo += [Planned(name, precision, variant, dict(options))
+                         for variant, options in backend.variants(precision, flags).items()]
     if not todo:
         raise UsageError("nothing to build: no available target builds the precisions asked for")
     return todo, skipped
@@ -154,15 +186,16 @@ def _cache_key(request: AdviseRequest) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def build_candidates(request: AdviseRequest, todo: list[tuple[str, str]], step: Progress) -> list[Candidate]:
-    """Build (or reuse from the cache) every pair; a failed build is a row with its error."""
+def build_candidates(request: AdviseRequest, todo: list[Planned], step: Progress) -> list[Candidate]:
+    """Build (or reuse from the cache) every planned artifact; a failed build is a row with its error."""
     from deploykit.backends.base import Artifact
     from deploykit.build import BuildRequest, build
 
     folder = request.work / _cache_key(request)
     rows = []
-    for index, (target, precision) in enumerate(todo, 1):
-        row = Candidate(f"{target} {precision}", target, precision, path=folder / f"{target}-{precision}")
+    for index, item in enumerate(todo, 1):
+        row = Candidate(item.label, item.target, item.precision, item.variant, dict(item.options),
+                        path=folder / item.folder)
         if not request.force and (row.path / "build.json").is_file():
             step(f"[{index}/{len(todo)}] {row.label}: cached")
             row.meta = Artifact.open(row.path).record.model_dump(mode="json")
@@ -171,7 +204,8 @@ def build_candidates(request: AdviseRequest, todo: list[tuple[str, str]], step: 
         step(f"[{index}/{len(todo)}] building {row.label}")
         try:
             row.meta = build(BuildRequest(
-                model=request.model, target=target, precision=precision, calib=request.calib,
+                model=request.model, target=item.target, precision=item.precision, calib=request.calib,
+                options=dict(item.options),
                 calib_samples=request.calib_samples, out=row.path, threads=request.threads, force=True,
                 num_classes=request.num_classes, cifar=request.cifar, seed=request.seed,
             )).meta
@@ -294,8 +328,9 @@ def advise(request: AdviseRequest, *, progress: Progress | None = None,
     return Advice(request, accuracy, baseline, ordered + skipped, device_fingerprint(), tool_versions())
 
 
-def choose_from_file(path: Path, *, model: str, max_drop: float, precision: str | None = None) -> tuple[str, str]:
-    """(target, precision) of the fastest row within ``max_drop`` in an advice.json written by advise."""
+def choose_from_file(path: Path, *, model: str, max_drop: float,
+                     precision: str | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(target, precision, options) of the fastest row within ``max_drop`` in an advice.json written by advise."""
     from deploykit.errors import QualityGateError
 
     try:
@@ -310,4 +345,5 @@ def choose_from_file(path: Path, *, model: str, max_drop: float, precision: str 
     within = sorted((r for r in timed if r["drop_points"] <= max_drop + 1e-9), key=lambda r: r["latency"]["median_ms"])
     if not within:
         raise QualityGateError(f"no artifact in {path} within --max-drop {max_drop:g} points")
-    return within[0]["target"], within[0]["precision"]
+    best = within[0]
+    return best["target"], best["precision"], dict(best.get("options") or {})  # no options: written before variants

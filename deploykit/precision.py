@@ -51,14 +51,21 @@ INT8_DOT_FLAGS = {"avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "amx_int
 X86_FLAGS = ("sse4_1", "avx2")  # present on every x86-64 CPU int8 kernels run on
 
 
+def int16_saturates(flags: Iterable[str]) -> bool:
+    """Whether u8 x s8 int8 kernels sum product pairs in a saturating int16 on a CPU with ``flags``
+    (x86 without any VNNI/AMX int8 dot product)."""
+    flags = frozenset(flags)
+    return any(f in flags for f in X86_FLAGS) and not any(f in flags for f in INT8_DOT_FLAGS)
+
+
 def int8_dot_note(flags: Iterable[str], exact: bool) -> str:
     """How u8 x s8 products are summed on a CPU with ``flags`` (x86 without VNNI: through a
     saturating int16 unless ``exact``, ORT's x64_quant_precision); "" where not x86."""
     flags = frozenset(flags)
     if not any(f in flags for f in X86_FLAGS):
         return ""
-    found = [name for flag, name in INT8_DOT_FLAGS.items() if flag in flags]
-    if found:
+    if not int16_saturates(flags):
+        found = [name for flag, name in INT8_DOT_FLAGS.items() if flag in flags]
         return f"u8s8 dot products in int32 ({', '.join(found)})"
     if exact:
         return "no VNNI on this CPU: weights beyond 7 bits run as u8u8 (exact, slower than u8s8)"

@@ -113,6 +113,11 @@ class Backend(Protocol):
         """Settings the runtime is given when it loads the built files, from their build facts (a
         bundle's runner applies them too, so a device computes as the build was verified)."""
 
+    def variants(self, precision: str, flags: frozenset[str]) -> dict[str, dict[str, Any]]:
+        """Option sets, beside the defaults, that ``deploykit advise`` also builds, scores and times at
+        ``precision`` on a CPU with ``flags``: name -> options. Each trades exactness for speed in a
+        way only a measurement on the model can judge; {}: the defaults are the only candidate."""
+
     def build(self, onnx_path: Path, out_dir: Path, config: BuildConfig) -> dict[str, Any]:
         """Write model files into ``out_dir``; return backend facts for build.json."""
 
@@ -160,6 +165,9 @@ class BackendBase:
         return None, None
 
     def runtime_config(self, facts: dict[str, Any]) -> dict[str, str]:
+        return {}
+
+    def variants(self, precision: str, flags: frozenset[str]) -> dict[str, dict[str, Any]]:
         return {}
 
 

@@ -244,6 +244,18 @@ class OnnxRuntimeBackend(BackendBase):
     def runtime_config(self, facts: dict[str, Any]) -> dict[str, str]:
         return dict(facts.get("session_config") or {})  # none recorded: built before there was one
 
+    def variants(self, precision: str, flags: frozenset[str]) -> dict[str, dict[str, Any]]:
+        from deploykit.precision import int16_saturates
+
+        if precision != "int8" or not int16_saturates(flags):
+            return {}
+        # Without VNNI the exact default (u8u8 where a weight exceeds 7 bits) costs ~1.6x the latency
+        # of the saturating u8s8 kernels; whether a model bears saturation, or escapes it with 7-bit
+        # or per-tensor weights, only its accuracy says (reports/ort-int8-x86-saturation.md).
+        fast = {"x64_quant_precision": False}
+        return {"int16 sums": fast, "7-bit weights": {**fast, "reduce_range": True},
+                "per-tensor weights": {**fast, "per_channel": False}}
+
     def load(self, artifact: Artifact, *, threads: int) -> OnnxRuntimeRunner:
         return OnnxRuntimeRunner(artifact.path / artifact.backend["model_file"], threads=threads,
                                  config=self.runtime_config(artifact.backend))

@@ -12,6 +12,7 @@ from deploykit.cli.build import PRECISIONS, _logs_to, _stderr_console
 def run_advice(request: Any, out: Path | None) -> Any:
     """Advise with a progress line on stderr; print the table; write md/json/csv; exit 3 if none fits."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from deploykit.advise import advise
@@ -20,9 +21,9 @@ def run_advice(request: Any, out: Path | None) -> Any:
 
     console = _stderr_console()
     with console.status("advise: planning") as status, _logs_to(console):
-        def step(text: str) -> None:
-            status.update(f"advise: {text}")
-            console.log(text)
+        def step(text: str) -> None:  # labels hold brackets ("onnxruntime int8 [int16 sums]"): not markup
+            status.update(f"advise: {escape(text)}")
+            console.log(text, markup=False)
 
         result = advise(request, progress=step)
     table = Table(title="deploykit advise", title_justify="left")
@@ -66,14 +67,17 @@ def run_advice(request: Any, out: Path | None) -> Any:
 @click.option("--work", type=click.Path(path_type=Path), default=Path("build/advise"), show_default=True,
               help="Where candidates are built (and cached).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for advice.md/.json/.csv (default: --work).")
+@click.option("--variants/--no-variants", default=True, show_default=True,
+              help="Also each target's option variants for this CPU (e.g. ONNX Runtime's faster, saturating int8 "
+                   "kernels on x86 without VNNI); `deploykit targets --json` lists them.")
 @click.option("--force", is_flag=True, help="Rebuild cached candidates.")
 def advise(model: str, calib: str | None, agreement: bool, max_drop: float, targets: tuple[str, ...], precisions: tuple[str, ...],
            num_classes: int | None, cifar: bool | None, threads: int, calib_samples: int | None, eval_samples: int,
            rounds: int, round_seconds: float, warmup_seconds: float, work: Path, out: Path | None,
-           force: bool) -> None:
-    """Build MODEL for every target x precision, measure top-1 and latency, and pick the fastest within budget.
+           variants: bool, force: bool) -> None:
+    """Build MODEL for every target x precision (and variant), measure top-1 and latency, and pick the fastest within budget.
 
-    Prints a ranked table (target, precision, executed arithmetic, top-1 and drop, median ms with
+    Prints a ranked table (target, precision, variant, executed arithmetic, top-1 and drop, median ms with
     its interval, speed-up vs PyTorch eager, size) and writes it as Markdown, JSON and CSV. Exit
     3 when no artifact is within --max-drop (the table is still printed).
 
@@ -87,6 +91,6 @@ def advise(model: str, calib: str | None, agreement: bool, max_drop: float, targ
         model=model, calib=calib, labels=not agreement, targets=targets, precisions=precisions, max_drop=max_drop,
         num_classes=num_classes, cifar=cifar, threads=threads, calib_samples=calib_samples,
         eval_samples=eval_samples, rounds=rounds, round_seconds=round_seconds, warmup_seconds=warmup_seconds,
-        work=work, force=force,
+        work=work, force=force, variants=variants,
     )
     run_advice(request, out)

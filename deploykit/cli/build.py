@@ -106,8 +106,10 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
 
     parsed = _parse_options(options)
     if target == "auto":
-        target, precision, max_drop = _auto_target(model, precision, calib, calib_samples, max_drop, threads,
-                                                   num_classes, cifar, advice)
+        target, precision, chosen = _auto_target(model, precision, calib, calib_samples, max_drop, threads,
+                                                 num_classes, cifar, advice)
+        parsed = {**chosen, **parsed}  # the chosen variant's options; the user's --option on top
+        max_drop = None  # the budget was advise's: no int8 repair loop
     if emit_only:
         parsed["emit_only"] = "true"
     request = BuildRequest(
@@ -139,22 +141,25 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
 
 def _auto_target(model: str, precision: str | None, calib: str | None, calib_samples: int | None,
                  max_drop: float | None, threads: int | None, num_classes: int | None, cifar: bool | None,
-                 advice: Path | None) -> tuple[str, str, None]:
-    """--target auto: the fastest artifact within --max-drop (default 1 point), from advise or its advice.json."""
+                 advice: Path | None) -> tuple[str, str, dict[str, Any]]:
+    """--target auto: (target, precision, options) of the fastest artifact within --max-drop (default 1
+    point), from advise or its advice.json."""
     from deploykit.advise import AdviseRequest, choose_from_file
     from deploykit.cli.advise import run_advice
+    from deploykit.report.advice import as_flags
 
     budget = 1.0 if max_drop is None else max_drop
     if advice is not None:
-        target, precision = choose_from_file(advice, model=model, max_drop=budget, precision=precision)
+        target, precision, options = choose_from_file(advice, model=model, max_drop=budget, precision=precision)
     else:
         request = AdviseRequest(model=model, calib=calib, precisions=(precision,) if precision else (),
                                 max_drop=budget, num_classes=num_classes, cifar=cifar, threads=threads or 2,
                                 calib_samples=calib_samples)
         chosen = run_advice(request, None).chosen
-        target, precision = chosen.target, chosen.precision
-    click.echo(f"--target auto: building {target} {precision} (fastest within {budget:g} points)")
-    return target, precision, None  # the budget was advise's: no int8 repair loop
+        target, precision, options = chosen.target, chosen.precision, chosen.options
+    given = f" {as_flags(options)}" if options else ""
+    click.echo(f"--target auto: building {target} {precision}{given} (fastest within {budget:g} points)")
+    return target, precision, options
 
 
 def _print_build(meta: dict[str, Any], path: Path) -> None:
@@ -249,6 +254,9 @@ def targets(as_json: bool) -> None:
     from deploykit.errors import DeployError
     from deploykit.profiles import list_profiles, load_profile
 
+    from deploykit.precision import cpu_flags
+
+    flags = cpu_flags()
     rows = []
     for name in sorted(BACKENDS):
         backend = get_backend(name)
@@ -256,6 +264,7 @@ def targets(as_json: bool) -> None:
         rows.append({"target": name, "available": version is not None, "version": version,
                      "precisions": list(backend.precisions), "install": f"pip install 'deploykit[{backend.extra}]'",
                      "options": sorted(backend.options),
+                     "variants": {p: v for p in backend.precisions if (v := backend.variants(p, flags))},
                      "status": backend.status()})
     profiles = []
     for name, path in list_profiles().items():

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("", "target", "precision", "executed", "top-1", "drop", "median ms [95% CI]", "speed-up vs eager",
+COLUMNS = ("", "target", "precision", "variant", "executed", "top-1", "drop", "median ms [95% CI]", "speed-up vs eager",
            "size MB", "note")
 
 
@@ -26,6 +26,7 @@ def rows(advice: Any) -> list[tuple[str, ...]]:
             "*" if c.chosen else "",
             c.target or c.label if not c.anchor or c is advice.baseline else c.label,
             c.precision or "-",
+            variant(c),
             c.executed if c.meta else "-",
             f"{c.top1:.4f}" if c.top1 is not None else "-",
             f"{c.drop:+.2f}" if c.drop is not None else "-",
@@ -35,6 +36,16 @@ def rows(advice: Any) -> list[tuple[str, ...]]:
             note,
         ))
     return out
+
+
+def variant(c: Any) -> str:
+    """The variant's name ("-": the target's defaults, or an anchor); its options are in the CSV/JSON."""
+    return c.variant or "-"
+
+
+def as_flags(options: dict[str, Any]) -> str:
+    """Options as the build command line takes them."""
+    return " ".join(f"--option {k}={str(v).lower()}" for k, v in sorted(options.items()))
 
 
 def header(advice: Any) -> list[str]:
@@ -47,7 +58,8 @@ def header(advice: Any) -> list[str]:
         f"{r.threads} threads, batch 1.",
         f"Timing: {r.rounds} rounds of >= {r.round_seconds:g} s per candidate, interleaved; median of round "
         "medians, 95% bootstrap interval; speed-up = eager / candidate, paired by round.",
-        (f"Chosen: **{chosen.target} {chosen.precision}** ({chosen.path})." if chosen
+        (f"Chosen: **{chosen.label}** ({chosen.path}" + (f"; {as_flags(chosen.options)}" if chosen.options else "")
+         + ")." if chosen
          else f"No artifact meets the budget of {r.max_drop:g} points."),
     ]
 
@@ -62,11 +74,12 @@ def markdown(advice: Any, title: str = "deploykit advise") -> str:
 def to_csv(advice: Any) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["chosen", "target", "precision", "executed", "top1", "drop_points", "median_ms", "ci_low_ms",
+    writer.writerow(["chosen", "target", "precision", "variant", "options", "executed", "top1", "drop_points", "median_ms", "ci_low_ms",
                      "ci_high_ms", "speedup", "speedup_ci_low", "speedup_ci_high", "size_bytes", "note"])
     for c, cells in zip([advice.baseline, *advice.candidates], rows(advice)):
         s, r = c.summary, c.speedup
-        writer.writerow([int(c.chosen), cells[1], c.precision or "", cells[3], c.top1, c.drop,
+        writer.writerow([int(c.chosen), cells[1], c.precision or "", c.variant or "",
+                         json.dumps(c.options, sort_keys=True) if c.variant else "", cells[4], c.top1, c.drop,
                          s.median_ms if s else "", s.ci_low_ms if s else "", s.ci_high_ms if s else "",
                          r.ratio if r else "", r.ci_low if r else "", r.ci_high if r else "",
                          c.meta.get("size_bytes", ""), cells[-1]])
