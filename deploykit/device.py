@@ -1,7 +1,7 @@
 """Which machine and which software produced a result row.
 
-The device fingerprint names the hardware and OS (CPU model, ISA flags that change which
-kernels the runtimes pick, cores, memory, GPU); its ``id`` is a hash of the hardware facts and
+The device fingerprint names the hardware and OS (CPU model and core design, ISA flags that
+change which kernels the runtimes pick, cores, memory, GPU); its ``id`` is a hash of the hardware facts and
 the OS family only, so rows from one machine group together across runs and across upgrades.
 The kernel release, GPU driver and CUDA runtime are recorded beside it (``os``, ``gpus``), as
 are tool versions, but none is in the id: the report marks rows whose versions differ instead of
@@ -62,8 +62,15 @@ DISTRIBUTIONS = ("deploykit", "torch", "onnx", "onnxruntime", "onnxruntime-gpu",
                  "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "numpy")
 
 
+# /proc/cpuinfo fields naming the core design, first CPU's: a VM's model name can be as bare as
+# "AMD EPYC" for several generations with one ISA list (Zen 1 and Zen 3 both: AVX2, FMA, F16C),
+# whose speeds differ by 2x; x86's CPUID family/model and arm's implementer/part tell them apart.
+CPU_ID_FIELDS = {"vendor_id": "{}", "cpu family": "family {}", "model": "model {}",
+                 "CPU implementer": "implementer {}", "CPU part": "part {}"}
+
+
 def _cpuinfo(text: str) -> dict[str, Any]:
-    model, flags, physical = None, set(), set()
+    model, flags, physical, ident = None, set(), set(), {}
     core = {}
     for line in text.splitlines():
         key, _, value = (part.strip() for part in line.partition(":"))
@@ -76,7 +83,23 @@ def _cpuinfo(text: str) -> dict[str, Any]:
             if len(core) == 2:
                 physical.add((core["physical id"], core["core id"]))
                 core = {}
-    return {"model": model, "flags": flags, "physical_cores": len(physical) or None}
+        if key in CPU_ID_FIELDS and value and key not in ident:
+            ident[key] = CPU_ID_FIELDS[key].format(value)
+    cpu_id = " ".join(ident[k] for k in CPU_ID_FIELDS if k in ident) or None
+    return {"model": model, "flags": flags, "physical_cores": len(physical) or None, "cpu_id": cpu_id}
+
+
+def same_cpu(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two device fingerprints name one CPU design (a fingerprint recorded before ``cpu_id``
+    existed is matched by name and architecture alone)."""
+    same = (a.get("cpu"), a.get("arch")) == (b.get("cpu"), b.get("arch"))
+    return same and (not a.get("cpu_id") or not b.get("cpu_id") or a["cpu_id"] == b["cpu_id"])
+
+
+def describe_cpu(device: dict[str, Any]) -> str:
+    """The CPU's name with its core design where known: "AMD EPYC (AuthenticAMD family 23 model 1)"."""
+    name = device.get("cpu") or "unknown CPU"
+    return f"{name} ({device['cpu_id']})" if device.get("cpu_id") else name
 
 
 # macOS: sysctl names -> the ISA names above (arm64 features, then x86 feature words).
@@ -181,6 +204,7 @@ def device_fingerprint() -> dict[str, Any]:
     cpu = _cpu()
     facts = {
         "cpu": cpu["model"] or platform.processor() or platform.machine(),
+        "cpu_id": cpu.get("cpu_id"),  # CPUID family/model (x86), implementer/part (arm); None: not exposed
         "arch": platform.machine(),
         "isa": [name for flag, name in ISA_FLAGS.items() if flag in cpu["flags"]],
         "logical_cores": os.cpu_count(),

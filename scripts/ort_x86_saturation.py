@@ -90,7 +90,7 @@ def main() -> int:
     from deploykit.backends.base import get_backend
     from deploykit.bench.artifacts import artifact_latency
     from deploykit.bench.stats import bootstrap_median_ci
-    from deploykit.device import device_fingerprint
+    from deploykit.device import describe_cpu, device_fingerprint
     from deploykit.evaluate import Evaluable, evaluate, open_evaluable
     from deploykit.files import atomic_file
     from deploykit.precision import cpu_flags, int8_dot_note
@@ -125,7 +125,7 @@ def main() -> int:
     lines = [
         "# ONNX Runtime INT8 on an x86 CPU without VNNI: u8s8 saturation, measured",
         "",
-        f"Device: {device['cpu']} ({device['arch']}; ISA: {', '.join(device['isa']) or '-'}), "
+        f"Device: {describe_cpu(device)} ({device['arch']}; ISA: {', '.join(device['isa']) or '-'}), "
         f"{device['usable_cores']} cores; {int8_dot_note(cpu_flags(), True) or 'not x86'}.",
         f"onnxruntime {onnxruntime.__version__}; model: the trained RepVGG-A0 of the repository (`{args.ckpt}`, CIFAR-10, "
         f"width 0.5); calibration: {args.calib_samples} train-split images (the cifar10 recipe's seed), the same for every row.",

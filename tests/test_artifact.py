@@ -148,6 +148,41 @@ def test_device_id_survives_kernel_and_driver_upgrades() -> None:
     assert device_id({**facts, "memory_bytes": 1}) != device_id({**facts, "memory_bytes": 2})
 
 
+ZEN1 = """processor	: 0
+vendor_id	: AuthenticAMD
+cpu family	: 23
+model		: 1
+model name	: AMD EPYC
+stepping	: 2
+flags		: fpu sse4_1 avx avx2 fma f16c
+processor	: 1
+vendor_id	: AuthenticAMD
+cpu family	: 23
+model		: 1
+model name	: AMD EPYC
+"""
+
+
+def test_one_cpu_name_on_two_core_designs_is_two_devices() -> None:
+    """A VM names Zen 1 and Zen 3 both "AMD EPYC" with one ISA list; CPUID family/model tells them apart."""
+    from deploykit.device import _cpuinfo, describe_cpu, same_cpu
+
+    zen1, zen3 = _cpuinfo(ZEN1), _cpuinfo(ZEN1.replace("cpu family\t: 23", "cpu family\t: 25"))
+    assert zen1["cpu_id"] == "AuthenticAMD family 23 model 1" and zen3["cpu_id"] == "AuthenticAMD family 25 model 1"
+    assert zen1["model"] == zen3["model"] == "AMD EPYC" and zen1["flags"] == zen3["flags"]
+    arm = _cpuinfo("processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n")
+    assert arm["cpu_id"] == "implementer 0x41 part 0xd0c"
+    assert _cpuinfo("flags\t: avx2\n")["cpu_id"] is None
+
+    facts = {k: v for k, v in device_fingerprint().items() if k != "id"}
+    one, other = ({**facts, "cpu": "AMD EPYC", "cpu_id": c["cpu_id"]} for c in (zen1, zen3))
+    assert device_id(one) != device_id(other)
+    assert not same_cpu(one, other) and same_cpu(one, dict(one))
+    assert same_cpu(one, {**other, "cpu_id": None})  # recorded before cpu_id existed: by name
+    assert describe_cpu(one) == "AMD EPYC (AuthenticAMD family 23 model 1)"
+    assert describe_cpu({"cpu": "Apple M2", "cpu_id": None}) == "Apple M2"
+
+
 def test_macos_isa_from_sysctl() -> None:
     apple = _macos_cpu({"machdep.cpu.brand_string": "Apple M2\n", "hw.physicalcpu": "8\n", "hw.optional.neon": "1\n",
                         "hw.optional.arm.FEAT_DotProd": "1\n", "hw.optional.arm.FEAT_I8MM": "0\n"})

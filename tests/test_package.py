@@ -293,6 +293,22 @@ def test_latency_band(bundle, any_backend: str, tmp_path: Path) -> None:
     _rewrite(root, band(1e-9, 2e-9, {"cpu": "Cortex-A76", "arch": "aarch64", "id": "pi"}))
     report = verify_bundle(root, latency=True)
     assert report.latency["band"] == "not comparable" and "recorded on Cortex-A76" in report.warnings[0]
+    # The same model name on another core design (a VM's bare "AMD EPYC" spans generations 2x apart
+    # in speed): not comparable, in deploykit's verify and in the bundle's own runner.
+    design = device_fingerprint()["cpu_id"]
+    if design is None:
+        pytest.skip("this machine's /proc/cpuinfo names no core design")
+    _rewrite(root, band(1e-9, 2e-9, {**here, "cpu_id": design}))
+    with pytest.raises(QualityGateError, match="above the band"):
+        verify_bundle(root, latency=True)
+    _rewrite(root, band(1e-9, 2e-9, {**here, "cpu_id": "SomeVendor family 99 model 99"}))
+    report = verify_bundle(root, latency=True)
+    assert report.latency["band"] == "not comparable"
+    assert f"this is {here['cpu']} ({design})" in report.warnings[0], report.warnings
+    done = run_runner(root, "--self-test", "--latency", "--json")
+    result = json.loads(done.stdout)
+    assert done.returncode == 0 and result["passed"], done.stdout
+    assert any("family 99 model 99" in w and "not judged" in w for w in result["warnings"]), result["warnings"]
 
 
 # ---------------------------------------------------------------- manifest schema, versions, labels

@@ -96,6 +96,7 @@ def status(address: str, devices: str | None, as_json: bool) -> None:
     from rich.table import Table
 
     from deploykit.bench.fleet import connect, describe_nodes, disconnect, fleet_nodes
+    from deploykit.device import describe_cpu
 
     labels = parse_devices(devices)
     connect(address)
@@ -116,6 +117,6 @@ def status(address: str, devices: str | None, as_json: bool) -> None:
         d = f["device"]
         gpu = ", ".join(g["name"] for g in d.get("gpus") or [])
         targets = ", ".join(f"{name} {version}" for name, version in f["targets"].items() if version)
-        table.add_row(node.label, node.hostname, node.node_id[:12], d["cpu"] + (f" / {gpu}" if gpu else ""),
+        table.add_row(node.label, node.hostname, node.node_id[:12], describe_cpu(d) + (f" / {gpu}" if gpu else ""),
                       str(d["usable_cores"]), d["id"], f["versions"].get("deploykit", "?"), targets or "none")
     Console().print(table)

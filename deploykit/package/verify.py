@@ -118,7 +118,7 @@ def _golden_check(root: Path, manifest: Manifest, runner: Any) -> tuple[dict[str
 
 
 def _latency_check(manifest: Manifest, runner: Any, inputs: Any) -> tuple[dict[str, Any], list[str]]:
-    from deploykit.device import device_fingerprint
+    from deploykit.device import describe_cpu, device_fingerprint, same_cpu
     from deploykit.backends.base import get_backend
     from deploykit.package.bundle import measure_latency_ms
 
@@ -130,10 +130,10 @@ def _latency_check(manifest: Manifest, runner: Any, inputs: Any) -> tuple[dict[s
         return figures, ["no latency band recorded in the bundle: latency measured, not judged"]
     here = device_fingerprint()
     figures["band_ms"] = list(band.band_ms)
-    if (band.device.get("cpu"), band.device.get("arch")) != (here.get("cpu"), here.get("arch")):
+    if not same_cpu(band.device, here):
         figures["band"] = "not comparable"
-        return figures, [f"latency band recorded on {band.device.get('cpu')} ({band.device.get('arch')}); "
-                         f"this is {here.get('cpu')} ({here.get('arch')}): measured, not judged"]
+        return figures, [f"latency band recorded on {describe_cpu(band.device)} ({band.device.get('arch')}); "
+                         f"this is {describe_cpu(here)} ({here.get('arch')}): measured, not judged"]
     low, high = band.band_ms
     if figures["median_ms"] > high:
         raise QualityGateError(

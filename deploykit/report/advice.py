@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deploykit.device import describe_cpu
+
 COLUMNS = ("", "target", "precision", "variant", "executed", "top-1", "drop", "median ms [95% CI]", "speed-up vs eager",
            "size MB", "note")
 
@@ -54,7 +56,7 @@ def header(advice: Any) -> list[str]:
     return [
         f"Model `{r.model}`; accuracy: {advice.accuracy} ({r.eval_samples} samples max); budget: top-1 drop "
         f"<= {r.max_drop:g} points.",
-        f"Device: {d['cpu']} ({d['arch']}, {d['usable_cores']} usable cores; ISA {', '.join(d['isa'])}); "
+        f"Device: {describe_cpu(d)} ({d['arch']}, {d['usable_cores']} usable cores; ISA {', '.join(d['isa'])}); "
         f"{r.threads} threads, batch 1.",
         f"Timing: {r.rounds} rounds of >= {r.round_seconds:g} s per candidate, interleaved; median of round "
         "medians, 95% bootstrap interval; speed-up = eager / candidate, paired by round.",

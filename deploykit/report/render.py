@@ -7,6 +7,7 @@ import io
 from typing import Any
 
 from deploykit.bench.results import STATUS_OK
+from deploykit.device import describe_cpu
 from deploykit.report.latency import MARK_UNSTABLE, LatencyReport, device_label
 
 COLUMNS = ("device", "model", "form", "target", "precision", "batch", "threads", "input", "median ms [95% CI]",
@@ -131,7 +132,7 @@ def _device_rows(report: LatencyReport) -> list[list[str]]:
                          for g in dev.get("gpus", [])) or "none"
         loads = [r["load_average"] for r in report.measured
                  if r["device"]["id"] == dev_id and isinstance(r.get("load_average"), (int, float))]
-        rows.append([device_label(dev), dev.get("cpu") or "", ", ".join(dev.get("isa", [])) or "none listed",
+        rows.append([device_label(dev), describe_cpu(dev), ", ".join(dev.get("isa", [])) or "none listed",
                      f"{dev.get('physical_cores') or '?'} physical / {dev.get('logical_cores') or '?'} logical",
                      f"{(dev.get('memory_bytes') or 0) / 2**30:.1f} GiB", dev.get("os", ""), gpus,
                      f"{max(loads):.1f}" if loads else "?"])

@@ -362,14 +362,34 @@ def judge(figures: dict, tolerance: dict) -> list[str]:
     return problems
 
 
-def cpu_name() -> str:
-    """The CPU model as deploykit records it (first model line of /proc/cpuinfo)."""
+# The fields deploykit's device fingerprint names the core design with (deploykit.device.CPU_ID_FIELDS).
+CPU_ID_FIELDS = {"vendor_id": "{}", "cpu family": "family {}", "model": "model {}",
+                 "CPU implementer": "implementer {}", "CPU part": "part {}"}
+
+
+def this_cpu() -> dict:
+    """{"cpu", "cpu_id", "arch"} as deploykit records them (the first CPU of /proc/cpuinfo)."""
+    name, ident = None, {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = (part.strip() for part in line.partition(":"))
-            if key in ("model name", "Model", "Hardware", "cpu model") and value:
-                return value
-    return platform.processor() or platform.machine()
+            if key in ("model name", "Model", "Hardware", "cpu model") and value and name is None:
+                name = value
+            if key in CPU_ID_FIELDS and value and key not in ident:
+                ident[key] = CPU_ID_FIELDS[key].format(value)
+    return {"cpu": name or platform.processor() or platform.machine(),
+            "cpu_id": " ".join(ident[k] for k in CPU_ID_FIELDS if k in ident) or None, "arch": platform.machine()}
+
+
+def same_cpu(a: dict, b: dict) -> bool:
+    """One CPU design (a band recorded without cpu_id: by name and architecture)."""
+    same = (a.get("cpu"), a.get("arch")) == (b.get("cpu"), b.get("arch"))
+    return same and (not a.get("cpu_id") or not b.get("cpu_id") or a["cpu_id"] == b["cpu_id"])
+
+
+def describe_cpu(device: dict) -> str:
+    name = device.get("cpu") or "unknown CPU"
+    return f"{name} ({device['cpu_id']})" if device.get("cpu_id") else name
 
 
 def measure_latency(model: Model, sample: np.ndarray, warmup: int = 10, iterations: int = 50) -> dict:
@@ -406,9 +426,9 @@ def self_test(root: Path, manifest: dict, threads: int, latency: bool) -> dict:
         where = (band or {}).get("device") or {}
         if band is None:
             notes.append("no latency band recorded: measured, not judged")
-        elif (where.get("cpu"), where.get("arch")) != (cpu_name(), platform.machine()):
-            notes.append(f"latency band recorded on {where.get('cpu')} ({where.get('arch')}); "
-                         f"this is {cpu_name()} ({platform.machine()}): measured, not judged")
+        elif not same_cpu(where, this_cpu()):
+            notes.append(f"latency band recorded on {describe_cpu(where)} ({where.get('arch')}); "
+                         f"this is {describe_cpu(this_cpu())} ({platform.machine()}): measured, not judged")
         elif measured["median_ms"] > high:
             result["passed"] = False
             result["problems"].append(f"latency median {measured['median_ms']:.3f} ms above the band "
