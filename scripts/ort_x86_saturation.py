@@ -5,8 +5,9 @@ On x86 without VNNI (AVX2-only cores), ORT's u8s8 kernels add pairs of u8 x s8 p
 a saturating int16; per-channel int8 weights use the full range in every channel, so the sums
 overflow. deploykit now runs ORT INT8 with ``session.x64quantprecision`` (backend option
 ``x64_quant_precision``, default on). This script builds the trained RepVGG-A0 of the
-repository for ORT INT8 four ways through the CLI (one calibration set: --calib-samples
-images of the train split, the recipe's seed), then on this CPU:
+repository for ORT INT8 through the CLI with deploykit's default and with each variant
+`deploykit advise` builds beside it on such a CPU (``Backend.variants``; one calibration set:
+--calib-samples images of the train split, the recipe's seed), then on this CPU:
 
 - top-1 on the CIFAR-10 test split of each artifact, and of the FP32 checkpoint;
 - the same Q/DQ files evaluated with every graph optimization off (DequantizeLinear, then a
@@ -28,15 +29,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CKPT = "checkpoints/repvgg_a0-cifar10-w0.5.safetensors"
-# name -> --option values of an INT8 build (the FP32 build is the last row, for the latency context)
 FP32 = "FP32 (ORT, for comparison)"
-VARIANTS = {
-    "per-channel, x64_quant_precision on (deploykit's default now)": ("x64_quant_precision=true",),
-    "per-channel, x64_quant_precision off (deploykit's default before)": ("x64_quant_precision=false",),
-    "per-channel, reduce_range (7-bit weights)": ("x64_quant_precision=false", "reduce_range=true"),
-    "per-tensor weights": ("x64_quant_precision=false", "per_channel=false"),
-    FP32: (),
-}
+DEFAULT = "per-channel, exact (x64_quant_precision on: deploykit's default)"
+SATURATING = "int16 sums"  # the variant that is the default's kernels without the setting
+
+
+def variants() -> dict[str, tuple[str, ...]]:
+    """Row name -> --option values: deploykit's default, then the variants `deploykit advise` builds beside it
+    on x86 without VNNI (the backend's own list, asked for such a CPU so the rows are the same on any CPU),
+    then FP32 for the latency context."""
+    from deploykit.backends.base import get_backend
+    from deploykit.precision import X86_FLAGS
+
+    offered = get_backend("onnxruntime").variants("int8", frozenset(X86_FLAGS))
+    rows = {DEFAULT: ("x64_quant_precision=true",)}
+    rows.update({name: tuple(f"{k}={str(v).lower()}" for k, v in sorted(options.items()))
+                 for name, options in offered.items()})
+    rows[FP32] = ()
+    return rows
 
 
 def _slug(name: str) -> str:
@@ -100,7 +110,7 @@ def main() -> int:
     device = device_fingerprint()
     fp32 = evaluate(open_evaluable(args.ckpt, threads=2), args.data, split="test", limit=args.limit)
     rows, commands = [], []
-    for name, options in VARIANTS.items():
+    for name, options in variants().items():
         out, command = build(args, name, options)
         commands.append(command)
         artifact = open_artifact(out)
@@ -134,7 +144,7 @@ def main() -> int:
         "",
         f"FP32 (PyTorch, the checkpoint): top-1 {pct(fp32.top1)} on {fp32.count} test images.",
         "",
-        "| ORT artifact | top-1 (test) | drop (points) | integer kernels / Q/DQ as written, "
+        "| ORT artifact (name as in `deploykit advise`) | top-1 (test) | drop (points) | integer kernels / Q/DQ as written, "
         f"seeded subset of {rows[0]['kernels'].count} test images | latency ms, median [95% CI] | vs first row |",
         "|---|---|---|---|---|---|",
     ]
@@ -145,7 +155,7 @@ def main() -> int:
             f"| {row['name']} | {pct(row['top1'].top1)} | {100 * (fp32.top1 - row['top1'].top1):.2f} | "
             f"{kernels_vs_qdq} | {row['latency']['median_ms']:.3f} "
             f"[{low:.3f}, {high:.3f}] | {row['latency']['median_ms'] / latency[0]['median_ms']:.2f}x |")
-    on, off = rows[0], rows[1]
+    on, off = rows[0], next(r for r in rows if r["name"] == SATURATING)
     int8_rows = [r for r in rows if r["name"] != FP32]
     within = [r for r in int8_rows if 100 * (fp32.top1 - r["top1"].top1) <= 1.0]
     fastest = min(within, key=lambda r: r["latency"]["median_ms"]) if within else None
@@ -164,10 +174,11 @@ def main() -> int:
         (f"- The fastest INT8 row within 1 point of FP32 here: {fastest['name']} "
          f"({fastest['latency']['median_ms']:.3f} ms, drop {100 * (fp32.top1 - fastest['top1'].top1):.2f} points)."
          if fastest else "- No INT8 row is within 1 point of FP32 here."),
-        "- Which is fastest within a budget depends on the model (per-tensor weights escape saturation here, kernels "
-        "and Q/DQ agreeing, because most of RepVGG's outlier-dominated channels use a fraction of the int8 range; "
-        "another model's need not): "
-        "deploykit's default keeps the arithmetic exact, and the options of each row are the ones in its command below.",
+        *[f"- {r['name']}: the saturating kernels {'agree with' if abs(r['kernels'].top1 - r['qdq'].top1) < 0.001 else 'differ from'} "
+          f"the file's Q/DQ arithmetic ({pct(r['kernels'].top1)} / {pct(r['qdq'].top1)})." for r in int8_rows[1:]],
+        "- Which is fastest within a budget depends on the model and the CPU: deploykit's default keeps the "
+        "arithmetic exact, and `deploykit advise` builds, scores and times the other rows as variants so the "
+        "budget decides; the options of each row are the ones in its command below.",
     ]
     lines += [
         "",
