@@ -1,8 +1,9 @@
 """Which machine and which software produced a result row.
 
 The device fingerprint names the hardware and OS (CPU model and core design, ISA flags that
-change which kernels the runtimes pick, cores, memory, GPU); its ``id`` is a hash of the hardware facts and
-the OS family only, so rows from one machine group together across runs and across upgrades.
+change which kernels the runtimes pick, cores, memory, GPU); its ``id`` is a hash of the
+hardware facts and the OS family only, so rows from one machine group together across runs and
+across upgrades.
 The kernel release, GPU driver and CUDA runtime are recorded beside it (``os``, ``gpus``), as
 are tool versions, but none is in the id: the report marks rows whose versions differ instead of
 treating them as another device.

@@ -249,9 +249,10 @@ class OnnxRuntimeBackend(BackendBase):
 
         if precision != "int8" or not int16_saturates(flags):
             return {}
-        # Without VNNI the exact default (u8u8 where a weight exceeds 7 bits) costs ~1.6x the latency
-        # of the saturating u8s8 kernels; whether a model bears saturation, or escapes it with 7-bit
-        # or per-tensor weights, only its accuracy says (reports/ort-int8-x86-saturation.md).
+        # Without VNNI the exact default (u8u8 where a weight exceeds 7 bits) costs latency: 1.64x the
+        # saturating u8s8 kernels on a Zen 3 EPYC, 1.20x on a Zen 1 (reports/ort-int8-x86-saturation*.md);
+        # whether a model bears saturation, or escapes it with 7-bit or per-tensor weights, only its
+        # accuracy says.
         fast = {"x64_quant_precision": False}
         return {"int16 sums": fast, "7-bit weights": {**fast, "reduce_range": True},
                 "per-tensor weights": {**fast, "per_channel": False}}

@@ -252,9 +252,8 @@ def targets(as_json: bool) -> None:
 
     from deploykit.backends.base import BACKENDS, get_backend
     from deploykit.errors import DeployError
-    from deploykit.profiles import list_profiles, load_profile
-
     from deploykit.precision import cpu_flags
+    from deploykit.profiles import list_profiles, load_profile
 
     flags = cpu_flags()
     rows = []

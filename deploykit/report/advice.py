@@ -28,7 +28,7 @@ def rows(advice: Any) -> list[tuple[str, ...]]:
             "*" if c.chosen else "",
             c.target or c.label if not c.anchor or c is advice.baseline else c.label,
             c.precision or "-",
-            variant(c),
+            c.variant or "-",  # its options: the CSV/JSON, and the Chosen line
             c.executed if c.meta else "-",
             f"{c.top1:.4f}" if c.top1 is not None else "-",
             f"{c.drop:+.2f}" if c.drop is not None else "-",
@@ -38,11 +38,6 @@ def rows(advice: Any) -> list[tuple[str, ...]]:
             note,
         ))
     return out
-
-
-def variant(c: Any) -> str:
-    """The variant's name ("-": the target's defaults, or an anchor); its options are in the CSV/JSON."""
-    return c.variant or "-"
 
 
 def as_flags(options: dict[str, Any]) -> str:
@@ -76,8 +71,8 @@ def markdown(advice: Any, title: str = "deploykit advise") -> str:
 def to_csv(advice: Any) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["chosen", "target", "precision", "variant", "options", "executed", "top1", "drop_points", "median_ms", "ci_low_ms",
-                     "ci_high_ms", "speedup", "speedup_ci_low", "speedup_ci_high", "size_bytes", "note"])
+    writer.writerow(["chosen", "target", "precision", "variant", "options", "executed", "top1", "drop_points",
+                     "median_ms", "ci_low_ms", "ci_high_ms", "speedup", "speedup_ci_low", "speedup_ci_high", "size_bytes", "note"])
     for c, cells in zip([advice.baseline, *advice.candidates], rows(advice)):
         s, r = c.summary, c.speedup
         writer.writerow([int(c.chosen), cells[1], c.precision or "", c.variant or "",
