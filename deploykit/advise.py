@@ -121,27 +121,20 @@ class Advice:
         }
 
 
-@dataclass(frozen=True)
-class Planned:
-    """One artifact to build: a target's precision, with its defaults or one of its variants."""
-
-    target: str
-    precision: str
-    variant: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"{self.target} {self.precision}" + (f" [{self.variant}]" if self.variant else "")
-
-    @property
-    def folder(self) -> str:
-        slug = re.sub(r"[^a-z0-9]+", "-", self.variant.lower()).strip("-") if self.variant else ""
-        return f"{self.target}-{self.precision}" + (f"-{slug}" if slug else "")
+def planned(target: str, precision: str, variant: str | None = None, options: dict[str, Any] | None = None) -> Candidate:
+    """A row to build: a target's precision, with its defaults or one of its variants."""
+    label = f"{target} {precision}" + (f" [{variant}]" if variant else "")
+    return Candidate(label, target, precision, variant, dict(options or {}))
 
 
-def plan(request: AdviseRequest) -> tuple[list[Planned], list[Candidate]]:
-    """Artifacts to build, and rows for those this machine cannot build (with why)."""
+def _folder(row: Candidate) -> str:
+    """The row's cache folder name: target-precision[-variant]."""
+    slug = re.sub(r"[^a-z0-9]+", "-", row.variant.lower()).strip("-") if row.variant else ""
+    return f"{row.target}-{row.precision}" + (f"-{slug}" if slug else "")
+
+
+def plan(request: AdviseRequest) -> tuple[list[Candidate], list[Candidate]]:
+    """Rows to build, and rows for those this machine cannot build (with why)."""
     from deploykit.backends.base import BACKENDS, get_backend
     from deploykit.precision import cpu_flags, refusal
 
@@ -163,11 +156,13 @@ def plan(request: AdviseRequest) -> tuple[list[Planned], list[Candidate]]:
                 continue
             why = refusal(precision, flags)
             if why:
-                skipped.append(Candidate(f"{name} {precision}", name, precision, error=f"not on this CPU: {why}"))
+                row = planned(name, precision)
+                row.error = f"not on this CPU: {why}"
+                skipped.append(row)
                 continue
-            todo.append(Planned(name, precision))
+            todo.append(planned(name, precision))
             if request.variants:
-                todo += [Planned(name, precision, variant, dict(options))
+                todo += [planned(name, precision, variant, options)
                          for variant, options in backend.variants(precision, flags).items()]
     if not todo:
         raise UsageError("nothing to build: no available target builds the precisions asked for")
@@ -186,16 +181,15 @@ def _cache_key(request: AdviseRequest) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def build_candidates(request: AdviseRequest, todo: list[Planned], step: Progress) -> list[Candidate]:
-    """Build (or reuse from the cache) every planned artifact; a failed build is a row with its error."""
+def build_candidates(request: AdviseRequest, todo: list[Candidate], step: Progress) -> list[Candidate]:
+    """Build (or reuse from the cache) every planned row; a failed build is a row with its error."""
     from deploykit.backends.base import Artifact
     from deploykit.build import BuildRequest, build
 
     folder = request.work / _cache_key(request)
     rows = []
-    for index, item in enumerate(todo, 1):
-        row = Candidate(item.label, item.target, item.precision, item.variant, dict(item.options),
-                        path=folder / item.folder)
+    for index, row in enumerate(todo, 1):
+        row.path = folder / _folder(row)
         if not request.force and (row.path / "build.json").is_file():
             step(f"[{index}/{len(todo)}] {row.label}: cached")
             row.meta = Artifact.open(row.path).record.model_dump(mode="json")
@@ -204,8 +198,8 @@ def build_candidates(request: AdviseRequest, todo: list[Planned], step: Progress
         step(f"[{index}/{len(todo)}] building {row.label}")
         try:
             row.meta = build(BuildRequest(
-                model=request.model, target=item.target, precision=item.precision, calib=request.calib,
-                options=dict(item.options),
+                model=request.model, target=row.target, precision=row.precision, calib=request.calib,
+                options=dict(row.options),
                 calib_samples=request.calib_samples, out=row.path, threads=request.threads, force=True,
                 num_classes=request.num_classes, cifar=request.cifar, seed=request.seed,
             )).meta

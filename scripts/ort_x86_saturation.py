@@ -40,11 +40,11 @@ def variants() -> dict[str, tuple[str, ...]]:
     then FP32 for the latency context."""
     from deploykit.backends.base import get_backend
     from deploykit.precision import X86_FLAGS
+    from deploykit.report.advice import option_values
 
     offered = get_backend("onnxruntime").variants("int8", frozenset(X86_FLAGS))
     rows = {DEFAULT: ("x64_quant_precision=true",)}
-    rows.update({name: tuple(f"{k}={str(v).lower()}" for k, v in sorted(options.items()))
-                 for name, options in offered.items()})
+    rows.update({name: tuple(option_values(options)) for name, options in offered.items()})
     rows[FP32] = ()
     return rows
 

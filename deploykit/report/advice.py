@@ -40,9 +40,14 @@ def rows(advice: Any) -> list[tuple[str, ...]]:
     return out
 
 
+def option_values(options: dict[str, Any]) -> list[str]:
+    """Options as ``--option`` values: ["per_channel=false", ...], sorted."""
+    return [f"{k}={str(v).lower()}" for k, v in sorted(options.items())]
+
+
 def as_flags(options: dict[str, Any]) -> str:
     """Options as the build command line takes them."""
-    return " ".join(f"--option {k}={str(v).lower()}" for k, v in sorted(options.items()))
+    return " ".join(f"--option {value}" for value in option_values(options))
 
 
 def header(advice: Any) -> list[str]:
