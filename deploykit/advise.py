@@ -2,10 +2,14 @@
 
 Every candidate is built through ``deploykit.build`` (so it is verified, and cached under the
 work folder), scored on held-out data (top-1 on labeled images, else top-1 agreement with the
-FP32 PyTorch reference), and timed with the bench protocol (``deploykit.bench.timing``: warm-up
+FP32 reference), and timed with the bench protocol (``deploykit.bench.timing``: warm-up
 until stable, then rounds interleaved across all candidates in an order rotated each round;
 ``deploykit.bench.stats``: median of round medians, bootstrap intervals, paired speed-up against
-PyTorch eager). The chosen artifact is the fastest whose top-1 drop is within the budget.
+the reference). The chosen artifact is the fastest whose top-1 drop is within the budget.
+
+The reference (the baseline row) is the model as the user has it: PyTorch eager for a PyTorch
+model; ONNX Runtime FP32 on the file as given for an ``.onnx`` model, whose candidates are the
+targets that build from ONNX (the others are rows saying why they were not built).
 
 Beside each target's defaults, the option sets a backend offers for this CPU
 (``Backend.variants``: trade-offs of exactness for speed, such as ONNX Runtime's saturating int8
@@ -29,6 +33,7 @@ from deploykit.errors import DeployError, UsageError
 logger = logging.getLogger(__name__)
 
 BASELINE = "PyTorch eager"
+ONNX_BASELINE = "ONNX Runtime FP32 (the file as given)"
 Progress = Callable[[str], None]
 
 
@@ -69,7 +74,7 @@ class Candidate:
     top1: float | None = None  # accuracy, or agreement with the reference
     drop: float | None = None  # points below the reference
     summary: Any = None  # bench.stats.Summary
-    speedup: Any = None  # bench.stats.Ratio: eager median / this median, paired by round
+    speedup: Any = None  # bench.stats.Ratio: the baseline's median / this median, paired by round
     rounds: list[np.ndarray] = field(default_factory=list)
     runner: Any = None
     anchor: bool = False
@@ -90,7 +95,7 @@ class Candidate:
             "options": self.options, "executed": self.executed,
             "path": str(self.path) if self.path else None, "error": self.error, "top1": self.top1,
             "drop_points": self.drop, "latency": self.summary.to_dict() if self.summary else None,
-            "speedup_vs_eager": self.speedup.to_dict() if self.speedup else None,
+            "speedup_vs_baseline": self.speedup.to_dict() if self.speedup else None,
             "size_bytes": self.meta.get("size_bytes"), "anchor": self.anchor, "chosen": self.chosen,
             "rejected": self.rejected,
             "executed_precision": (self.meta.get("backend") or {}).get("executed_precision"),
@@ -151,6 +156,16 @@ def plan(request: AdviseRequest) -> tuple[list[Candidate], list[Candidate]]:
             if request.targets:
                 raise DeployError(f"target {name} is not available here: pip install 'deploykit[{backend.extra}]'")
             continue
+        if is_onnx_model(request.model) and backend.builds_from_module:
+            why = f"target {name} builds from a PyTorch model, not from an .onnx file"
+            if request.targets:
+                raise UsageError(why)
+            for precision in request.precisions or backend.precisions:
+                if precision in backend.precisions:
+                    row = planned(name, precision)
+                    row.error = "not built: builds from a PyTorch model, not from an .onnx file"
+                    skipped.append(row)
+            continue
         for precision in request.precisions or backend.precisions:
             if precision not in backend.precisions:
                 continue
@@ -167,6 +182,35 @@ def plan(request: AdviseRequest) -> tuple[list[Candidate], list[Candidate]]:
     if not todo:
         raise UsageError("nothing to build: no available target builds the precisions asked for")
     return todo, skipped
+
+
+def is_onnx_model(model: str) -> bool:
+    return model.lower().endswith(".onnx")
+
+
+def reference(request: AdviseRequest) -> tuple[Candidate, int]:
+    """The baseline row with its runner, and the model's input size: PyTorch eager on the model as
+    loaded, or ONNX Runtime FP32 on an .onnx file as given (there is no PyTorch model to run)."""
+    if is_onnx_model(request.model):
+        from deploykit.backends.base import get_backend
+        from deploykit.onnxio import check_image_model
+
+        path = Path(request.model)
+        size = check_image_model(path)  # a missing, invalid or non-image file: one DeployError line
+        if get_backend("onnxruntime").version() is None:
+            raise DeployError("advise on an .onnx file runs it on ONNX Runtime as the reference: "
+                              "pip install 'deploykit[onnxruntime]'")
+        from deploykit.backends.onnxruntime import OnnxRuntimeRunner
+
+        runner = OnnxRuntimeRunner(path, threads=request.threads)
+        return Candidate(ONNX_BASELINE, "onnxruntime", "fp32", runner=runner, anchor=True), size
+    from deploykit.backends.torch_cpu import TorchRunner
+    from deploykit.loading import check_input, load_model
+
+    loaded = load_model(request.model, num_classes=request.num_classes, cifar=request.cifar)
+    check_input(loaded)
+    runner = TorchRunner(loaded.model.eval(), threads=request.threads)
+    return Candidate(BASELINE, "torch", "fp32", runner=runner, anchor=True), loaded.input_size
 
 
 def _cache_key(request: AdviseRequest) -> str:
@@ -265,10 +309,10 @@ def time_interleaved(rows: list[Candidate], baseline: Candidate, request: Advise
     times = interleaved_rounds(measures, iterations, request.rounds)
     for row in live:
         row.rounds.extend(times[row.label])
-    eager = [float(np.median(t)) for t in baseline.rounds]
+    base = [float(np.median(t)) for t in baseline.rounds]
     for row in live:
         row.summary = summarize(row.rounds, seed=request.seed)
-        row.speedup = ratio_of_medians(eager, [float(np.median(t)) for t in row.rounds])
+        row.speedup = ratio_of_medians(base, [float(np.median(t)) for t in row.rounds])
 
 
 def choose(rows: list[Candidate], max_drop: float) -> Candidate | None:
@@ -293,26 +337,21 @@ def advise(request: AdviseRequest, *, progress: Progress | None = None,
            anchors: dict[str, Callable[[], Any]] | None = None) -> Advice:
     """Build, score, time and rank; ``anchors``: label -> runner factory timed in the same rounds."""
     from deploykit.backends.base import Artifact, get_backend
-    from deploykit.backends.torch_cpu import TorchRunner
     from deploykit.device import device_fingerprint, tool_versions
-    from deploykit.loading import check_input, load_model
 
     step = progress or (lambda text: None)
     todo, skipped = plan(request)
-    loaded = load_model(request.model, num_classes=request.num_classes, cifar=request.cifar)
-    check_input(loaded)
+    baseline, input_size = reference(request)
     rows = build_candidates(request, todo, step)
     for row in rows:
         if row.error is None:
             row.runner = get_backend(row.target).load(Artifact.open(row.path), threads=request.threads)
     for label, make in (anchors or {}).items():
         rows.append(Candidate(label, runner=make(), anchor=True))
-    baseline = Candidate(BASELINE, "torch", "fp32", runner=TorchRunner(loaded.model.eval(), threads=request.threads),
-                         anchor=True)
     step("scoring accuracy")
-    inputs, labels, accuracy = _eval_set(request, loaded.input_size)
+    inputs, labels, accuracy = _eval_set(request, input_size)
     score(rows, baseline, inputs, labels)
-    x = np.random.default_rng(request.seed).standard_normal((1, 3, loaded.input_size, loaded.input_size))
+    x = np.random.default_rng(request.seed).standard_normal((1, 3, input_size, input_size))
     time_interleaved(rows, baseline, request, x.astype(np.float32), step)
     choose(rows, request.max_drop)
     for row in rows:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deploykit.backends.base import BACKENDS
@@ -46,7 +47,7 @@ def test_advise_prints_a_ranked_table_and_picks_one(advised) -> None:
     assert {(r["target"], r["precision"]) for r in rows} == {(t, p) for t in ("onnxruntime", "openvino")
                                                              for p in ("fp32", "int8")}
     for r in rows:
-        assert r["error"] is None and r["latency"]["rounds"] == 2 and r["speedup_vs_eager"]["ratio"] > 0
+        assert r["error"] is None and r["latency"]["rounds"] == 2 and r["speedup_vs_baseline"]["ratio"] > 0
         assert 0.0 <= r["top1"] <= 1.0 and r["executed"] != "-"
         assert r["executed"].startswith("int8 + ") == (r["precision"] == "int8"), r  # int8 and its float parts
     medians = [r["latency"]["median_ms"] for r in rows]
@@ -55,7 +56,7 @@ def test_advise_prints_a_ranked_table_and_picks_one(advised) -> None:
     assert len(chosen) == 1 and chosen[0] == data["chosen"]
     assert data["accuracy"].startswith("top-1 on labeled" if calib else "top-1 agreement")
     assert data["device"]["cpu"] and (work / "advice.md").is_file() and (work / "advice.csv").is_file()
-    assert "speed-up vs eager" in done.stdout and "Chosen:" in done.stdout
+    assert "speed-up vs baseline" in done.stdout and "Chosen:" in done.stdout
 
 
 def test_advise_reuses_cached_builds(advised, tiny: str) -> None:
@@ -83,7 +84,7 @@ def test_a_budget_nothing_meets_exits_3_with_the_table(advised, tiny: str) -> No
     failed = run_cli("advise", tiny, *calib, "-t", "onnxruntime", "-p", "fp32", "--work", str(work),
                      "--out", str(work / "strict"), "--max-drop", "-200", *FAST)
     assert failed.returncode == 3
-    assert "speed-up vs eager" in failed.stdout  # the table is still printed
+    assert "speed-up vs baseline" in failed.stdout  # the table is still printed
     assert failed.stderr.strip().splitlines()[-1].startswith("error: no artifact within --max-drop -200 points")
     auto = run_cli("build", tiny, "--target", "auto", "--advice", str(work / "advice.json"), "--max-drop", "-200")
     assert auto.returncode == 3 and "no artifact in" in auto.stderr
@@ -216,3 +217,115 @@ def test_target_auto_builds_the_chosen_variant(advised_variants, tiny: str, tmp_
             "--option x64_quant_precision=false") in built.stdout
     meta = json.loads((out / "build.json").read_text())
     assert meta["options"]["per_channel"] is False and meta["options"]["x64_quant_precision"] is False
+
+
+def write_foreign_onnx(path: Path) -> Path:
+    """A small CNN written with onnx.helper (no PyTorch, no deploykit exporter): Conv-BN-Relu, strided
+    Conv-Relu, global pool, Gemm; seeded random weights, a symbolic batch, opset 17."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+
+    def const(name: str, *shape: int, scale: float = 0.3, offset: float = 0.0) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale + offset).astype(np.float32), name)
+
+    inits = [const("w1", 8, 3, 3, 3), const("b1", 8), const("gamma", 8, offset=1.0), const("beta", 8),
+             const("mean", 8), numpy_helper.from_array(rng.uniform(0.5, 2.0, 8).astype(np.float32), "var"),
+             const("w2", 16, 8, 3, 3, scale=0.15), const("b2", 16), const("fc", 10, 16), const("fcb", 10)]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["n1"], epsilon=1e-5),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["scores"], transB=1),
+    ]
+    graph = helper.make_graph(nodes, "foreign", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                               ["batch", 3, 32, 32])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="hand")
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def advised_onnx(tmp_path_factory: pytest.TempPathFactory):
+    """advise on an .onnx file deploykit did not write: the reference is ONNX Runtime on the file."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path_factory.mktemp("advise-onnx")
+    model = write_foreign_onnx(folder / "foreign.onnx")
+    calib = ("--calib", str(CIFAR_TGZ), "--agreement") if CIFAR_TGZ.is_file() else ()  # not CIFAR's classes
+    done = run_cli("advise", str(model), *calib, "-t", "onnxruntime", "-t", "openvino", "-p", "fp32", "-p", "int8",
+                   "--max-drop", "100", "--work", str(folder / "work"), "--no-variants", *FAST, timeout=600)
+    return done, folder, model, calib
+
+
+def test_advise_on_a_foreign_onnx_file_measures_against_it(advised_onnx) -> None:
+    import onnxruntime as ort
+
+    from deploykit.advise import ONNX_BASELINE
+    from deploykit.calib import load_calibration
+
+    done, folder, model, calib = advised_onnx
+    assert done.returncode == 0, done.stderr
+    data = json.loads((folder / "work" / "advice.json").read_text())
+    assert data["baseline"]["label"] == ONNX_BASELINE and data["baseline"]["target"] == "onnxruntime"
+    assert data["accuracy"].startswith("top-1 agreement")
+    rows = {(r["target"], r["precision"]): r for r in data["candidates"] if not r["anchor"]}
+    assert set(rows) == {(t, p) for t in ("onnxruntime", "openvino") for p in ("fp32", "int8")}
+    for key, row in rows.items():
+        assert row["error"] is None and row["speedup_vs_baseline"]["ratio"] > 0, key
+        built = json.loads((Path(row["path"]) / "build.json").read_text())
+        assert built["model"]["source"] == "onnx", key  # built from the file, nothing re-exported
+    for target in ("onnxruntime", "openvino"):  # FP32 of the same graph agrees with the file on every image
+        assert rows[target, "fp32"]["top1"] == 1.0, rows[target, "fp32"]
+    assert f"baseline: {ONNX_BASELINE}" in done.stdout and "speed-up vs baseline" in done.stdout
+    # What a user would do by hand: the file and the INT8 artifact on plain ONNX Runtime sessions (with
+    # the session settings build.json records), on the same held-out images: the same agreement.
+    held = load_calibration(calib[1] if calib else None, input_size=32, num_samples=1, num_verify=64, seed=7).held_out
+    int8 = Path(rows["onnxruntime", "int8"]["path"])
+    built = json.loads((int8 / "build.json").read_text())
+    options = ort.SessionOptions()
+    for key, value in built["backend"]["session_config"].items():
+        options.add_session_config_entry(key, value)
+    quantized = next(name for name in built["files"] if name.endswith(".onnx"))
+    by_hand = [ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+               .run(None, {"image": held})[0].argmax(1)
+               for path, opts in ((model, ort.SessionOptions()), (int8 / quantized, options))]
+    assert float((by_hand[0] == by_hand[1]).mean()) == rows["onnxruntime", "int8"]["top1"]
+
+
+def test_target_auto_builds_from_the_onnx_file(advised_onnx, tmp_path: Path) -> None:
+    done, folder, model, calib = advised_onnx
+    chosen = json.loads((folder / "work" / "advice.json").read_text())["chosen"]
+    out = tmp_path / "auto"
+    built = run_cli("build", str(model), "--target", "auto", "--advice", str(folder / "work" / "advice.json"),
+                    "--max-drop", "100", *calib[:2], "--calib-samples", "16", "--verify-samples", "16", "--out", str(out))
+    assert built.returncode == 0, built.stderr
+    meta = json.loads((out / "build.json").read_text())
+    assert (meta["target"], meta["precision"], meta["model"]["source"]) == (chosen["target"], chosen["precision"], "onnx")
+
+
+def test_advise_on_onnx_skips_targets_that_build_from_pytorch(tmp_path: Path) -> None:
+    """Without -t, the PyTorch targets are rows saying why; asked for by name, one line and exit 2."""
+    from deploykit.advise import AdviseRequest, plan
+    from deploykit.backends.base import get_backend
+
+    model = str(write_foreign_onnx(tmp_path / "foreign.onnx"))
+    todo, skipped = plan(AdviseRequest(model=model, precisions=("fp32",), variants=False))
+    from_module = {name for name in BACKENDS if get_backend(name).builds_from_module}
+    assert from_module and not from_module & {row.target for row in todo}
+    assert {row.target for row in skipped} >= {n for n in from_module if get_backend(n).version() is not None}
+    assert all("builds from a PyTorch model" in row.error for row in skipped if row.target in from_module)
+    named = run_cli("advise", model, "-t", "torch", "--work", str(tmp_path / "w"))
+    assert named.returncode == 2
+    assert "target torch builds from a PyTorch model, not from an .onnx file" in named.stderr.strip().splitlines()[-1]
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(Path(model).read_bytes()[:100])
+    failed = run_cli("advise", str(broken), "-t", "onnxruntime", "--work", str(tmp_path / "w"))
+    assert failed.returncode == 1 and "is not a valid ONNX model" in failed.stderr.strip().splitlines()[-1]

@@ -78,12 +78,17 @@ def advise(model: str, calib: str | None, agreement: bool, max_drop: float, targ
     """Build MODEL for every target x precision (and variant), measure top-1 and latency, and pick the fastest within budget.
 
     Prints a ranked table (target, precision, variant, executed arithmetic, top-1 and drop, median ms with
-    its interval, speed-up vs PyTorch eager, size) and writes it as Markdown, JSON and CSV. Exit
+    its interval, speed-up vs the baseline, size) and writes it as Markdown, JSON and CSV. Exit
     3 when no artifact is within --max-drop (the table is still printed).
+
+    MODEL is what build takes. The baseline every row is scored and timed against is the model
+    as given: PyTorch eager, or ONNX Runtime FP32 on an .onnx file (whose rows are then the
+    targets that build from ONNX).
 
     \b
     Example:
       deploykit advise repvgg_a0 --cifar --num-classes 10 --calib ../shared/data/cifar10-jpeg.tar.gz --max-drop 1.0
+      deploykit advise model.onnx --calib images/ --agreement -p fp32 -p int8
     """
     from deploykit.advise import AdviseRequest
 

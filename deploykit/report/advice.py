@@ -9,7 +9,7 @@ from typing import Any
 
 from deploykit.device import describe_cpu
 
-COLUMNS = ("", "target", "precision", "variant", "executed", "top-1", "drop", "median ms [95% CI]", "speed-up vs eager",
+COLUMNS = ("", "target", "precision", "variant", "executed", "top-1", "drop", "median ms [95% CI]", "speed-up vs baseline",
            "size MB", "note")
 
 
@@ -19,8 +19,8 @@ def rows(advice: Any) -> list[tuple[str, ...]]:
     for c in [advice.baseline, *advice.candidates]:
         s, r = c.summary, c.speedup
         note = ("chosen: fastest within budget" if c.chosen else c.rejected or c.error or
-                ("hand-made anchor" if c.anchor and c is not advice.baseline else "baseline" if c is advice.baseline
-                 else ""))
+                ("hand-made anchor" if c.anchor and c is not advice.baseline
+                 else f"baseline: {c.label}" if c is advice.baseline else ""))
         if s is not None and s.unstable and not c.error:
             note = f"{note}; unstable: {'; '.join(s.unstable_reasons)}".strip("; ")
         size = c.meta.get("size_bytes")
@@ -59,7 +59,7 @@ def header(advice: Any) -> list[str]:
         f"Device: {describe_cpu(d)} ({d['arch']}, {d['usable_cores']} usable cores; ISA {', '.join(d['isa'])}); "
         f"{r.threads} threads, batch 1.",
         f"Timing: {r.rounds} rounds of >= {r.round_seconds:g} s per candidate, interleaved; median of round "
-        "medians, 95% bootstrap interval; speed-up = eager / candidate, paired by round.",
+        f"medians, 95% bootstrap interval; speed-up = baseline ({advice.baseline.label}) / candidate, paired by round.",
         (f"Chosen: **{chosen.label}** ({chosen.path}" + (f"; {as_flags(chosen.options)}" if chosen.options else "")
          + ")." if chosen
          else f"No artifact meets the budget of {r.max_drop:g} points."),
