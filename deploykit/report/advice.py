@@ -19,14 +19,14 @@ def rows(advice: Any) -> list[tuple[str, ...]]:
     for c in [advice.baseline, *advice.candidates]:
         s, r = c.summary, c.speedup
         note = ("chosen: fastest within budget" if c.chosen else c.rejected or c.error or
-                ("hand-made anchor" if c.anchor and c is not advice.baseline
-                 else f"baseline: {c.label}" if c is advice.baseline else ""))
+                ("hand-made anchor" if c.anchor and c is not advice.baseline else "baseline" if c is advice.baseline
+                 else ""))
         if s is not None and s.unstable and not c.error:
             note = f"{note}; unstable: {'; '.join(s.unstable_reasons)}".strip("; ")
         size = c.meta.get("size_bytes")
         out.append((
             "*" if c.chosen else "",
-            c.target or c.label if not c.anchor or c is advice.baseline else c.label,
+            c.label if c.anchor else c.target,  # the baseline and anchors by name: not a built row
             c.precision or "-",
             c.variant or "-",  # its options: the CSV/JSON, and the Chosen line
             c.executed if c.meta else "-",
