@@ -110,6 +110,7 @@ class Advice:
     candidates: list[Candidate]
     device: dict[str, Any]
     versions: dict[str, str]
+    notes: list[str] = field(default_factory=list)  # what the user should know about the model as given
 
     @property
     def chosen(self) -> Candidate | None:
@@ -122,7 +123,7 @@ class Advice:
             "threads": r.threads, "rounds": r.rounds, "round_seconds": r.round_seconds,
             "baseline": self.baseline.to_dict(), "candidates": [c.to_dict() for c in self.candidates],
             "chosen": self.chosen.to_dict() if self.chosen else None,
-            "device": self.device, "versions": self.versions,
+            "device": self.device, "versions": self.versions, "notes": self.notes,
         }
 
 
@@ -358,7 +359,12 @@ def advise(request: AdviseRequest, *, progress: Progress | None = None,
         row.runner = None
     baseline.runner = None
     ordered = sorted(rows, key=lambda r: (r.summary is None, r.summary.median_ms if r.summary else 0.0))
-    return Advice(request, accuracy, baseline, ordered + skipped, device_fingerprint(), tool_versions())
+    notes = []
+    if is_onnx_model(request.model):
+        from deploykit.build import unfused_branches_note
+
+        notes = unfused_branches_note(Path(request.model))
+    return Advice(request, accuracy, baseline, ordered + skipped, device_fingerprint(), tool_versions(), notes)
 
 
 def choose_from_file(path: Path, *, model: str, max_drop: float,

@@ -106,6 +106,18 @@ def _from_onnx(path: Path, threads: int) -> _Source:
     )
 
 
+def unfused_branches_note(path: Path) -> list[str]:
+    """A warning when an ONNX model still sums parallel conv branches (deploykit fuses only PyTorch models)."""
+    from deploykit.onnxio import summed_branches
+
+    blocks = summed_branches(path)
+    if not blocks:
+        return []
+    return [f"{path.name} sums parallel convolution branches in {len(blocks)} blocks (RepVGG-style, not "
+            "re-parameterized): every target runs them as they are; give deploykit the PyTorch model to fuse "
+            "them into one convolution per block"]
+
+
 def _from_torch(request: BuildRequest, work: Path, threads: int, step: Callable[[str], None],
                 batch: int | str = 1) -> _Source:
     from deploykit.backends.torch_cpu import TorchRunner
@@ -274,6 +286,7 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
         if is_onnx:
             step("checking the ONNX model")
             source = _from_onnx(Path(request.model), threads)
+            warnings.extend(unfused_branches_note(source.onnx_path))
         else:
             source = _from_torch(request, Path(work), threads, step, backend.export_batch)
         step("loading calibration data" if precision == "int8" else "loading verification inputs")

@@ -71,3 +71,45 @@ def check_image_model(path: Path) -> int:
     if dtype not in ("float32", "float16"):
         raise DeployError(f"{path}: input {first['name']!r} is {dtype}; {fed}")
     return int(shape[3])
+
+
+def summed_branches(path: Path) -> list[str]:
+    """Tensors that feed parallel convolution branches summed back together (RepVGG-style blocks
+    as trained, not re-parameterized): one per block, in graph order.
+
+    A branch is a Conv, or a BatchNormalization with no Conv before it, or the tensor itself (identity
+    branches), each optionally followed by BatchNormalization; an Add whose two inputs are branches (or
+    earlier such sums) of the same tensor, at least one of them a Conv, is a block. A ResNet shortcut
+    is not one: its other input is a Conv of a different tensor. deploykit fuses these only
+    from the PyTorch model: on an ONNX graph they stay, and cost time on every target.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    sums: dict[str, tuple[str, bool]] = {}  # Add output -> (source tensor, has a conv branch)
+
+    def branch(tensor: str) -> tuple[str | None, bool]:
+        if tensor in sums:
+            return sums[tensor]
+        node = producer.get(tensor)
+        if node is not None and node.op_type == "BatchNormalization":
+            before = producer.get(node.input[0])
+            if before is None or before.op_type != "Conv":
+                return node.input[0], False  # identity branch: BN on the block's input itself
+            node = before
+        if node is not None and node.op_type == "Conv":
+            return node.input[0], True
+        return None, False
+
+    blocks = []
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        (left, conv_left), (right, conv_right) = branch(node.input[0]), branch(node.input[1])
+        left, right = left or node.input[0], right or node.input[1]  # neither: the tensor itself (identity)
+        if left == right and (conv_left or conv_right):
+            sums[node.output[0]] = (left, True)
+            if left not in blocks:
+                blocks.append(left)
+    return blocks

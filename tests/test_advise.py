@@ -276,6 +276,7 @@ def test_advise_on_a_foreign_onnx_file_measures_against_it(advised_onnx) -> None
     data = json.loads((folder / "work" / "advice.json").read_text())
     assert data["baseline"]["label"] == ONNX_BASELINE and data["baseline"]["target"] == "onnxruntime"
     assert data["accuracy"].startswith("top-1 agreement")
+    assert data["notes"] == []  # a plain CNN: no unfused branches to tell the user about
     rows = {(r["target"], r["precision"]): r for r in data["candidates"] if not r["anchor"]}
     assert set(rows) == {(t, p) for t in ("onnxruntime", "openvino") for p in ("fp32", "int8")}
     for key, row in rows.items():
@@ -330,3 +331,34 @@ def test_advise_on_onnx_skips_targets_that_build_from_pytorch(tmp_path: Path) ->
     broken.write_bytes(Path(model).read_bytes()[:100])
     failed = run_cli("advise", str(broken), "-t", "onnxruntime", "--work", str(tmp_path / "w"))
     assert failed.returncode == 1 and "is not a valid ONNX model" in failed.stderr.strip().splitlines()[-1]
+
+
+def test_building_a_multi_branch_onnx_says_to_give_the_pytorch_model(tiny: str, tmp_path: Path) -> None:
+    """A user's torch.onnx.export of a RepVGG as trained: the build warns that its branches stay unfused."""
+    import warnings
+
+    import torch
+
+    from deploykit.loading import load_model
+
+    loaded = load_model(tiny)
+    path = tmp_path / "user.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(loaded.model.eval(), torch.randn(1, 3, 32, 32), str(path), dynamo=False, opset_version=17)
+    built = run_cli("build", str(path), "-t", "onnxruntime", "-p", "fp32", "--verify-samples", "8",
+                    "--out", str(tmp_path / "out"))
+    assert built.returncode == 0, built.stderr
+    blocks = 5  # the tiny RepVGG: a stem and one block per stage
+    note = f"user.onnx sums parallel convolution branches in {blocks} blocks"
+    assert any(w.startswith(note) for w in json.loads((tmp_path / "out" / "build.json").read_text())["warnings"])
+    assert note in " ".join((built.stdout + built.stderr).split())
+
+
+def test_advice_notes_are_printed_and_kept(advised_variants) -> None:
+    from deploykit.report import advice as render
+
+    result, _ = advised_variants
+    noted = dataclasses.replace(result, notes=["x.onnx sums parallel convolution branches in 3 blocks"])
+    assert render.header(noted)[-1] == "Note: x.onnx sums parallel convolution branches in 3 blocks."
+    assert noted.to_dict()["notes"] == noted.notes and result.to_dict()["notes"] == []

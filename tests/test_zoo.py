@@ -48,6 +48,31 @@ def test_onnx_export_matches_pytorch(cifar_model, tmp_path) -> None:
     assert report.onnxruntime["checked"], report.onnxruntime
     assert report.onnxruntime["max_rel_error"] < 1e-4
     assert list((tmp_path).glob("*.data")) == [], "export must be a single file"
+    from deploykit.onnxio import summed_branches
+
+    assert summed_branches(tmp_path / f"{name}.onnx") == [], "fused, yet parallel conv branches are summed"
+
+
+def test_a_users_own_export_of_the_train_form_shows_its_branches(cifar_model, tmp_path) -> None:
+    """torch.onnx.export of the model as trained (what a user hands over instead of the checkpoint):
+    every RepVGG / QARepVGG block is found as summed branches; the other families (residual shortcuts,
+    Ghost modules' concatenations, RepOpt-VGG's plain training form) show none."""
+    import warnings
+
+    from deploykit.models.qarepvgg import QARepVGGBlock
+    from deploykit.models.repvgg import RepVGGBlock
+    from deploykit.onnxio import summed_branches
+
+    name, model = cifar_model
+    path = tmp_path / "user.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, torch.randn(1, 3, SIZE, SIZE), str(path), dynamo=False, opset_version=17)
+    blocks = sum(isinstance(m, (RepVGGBlock, QARepVGGBlock)) for m in model.modules())
+    if get_entry(name).family in ("repvgg", "qarepvgg"):
+        assert blocks > 0 and len(summed_branches(path)) == blocks
+    else:
+        assert summed_branches(path) == []
 
 
 PAPER_MODELS = [n for n in ZOO if get_entry(n).paper_params or get_entry(n).paper_macs]

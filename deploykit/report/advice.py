@@ -63,6 +63,7 @@ def header(advice: Any) -> list[str]:
         (f"Chosen: **{chosen.label}** ({chosen.path}" + (f"; {as_flags(chosen.options)}" if chosen.options else "")
          + ")." if chosen
          else f"No artifact meets the budget of {r.max_drop:g} points."),
+        *[f"Note: {note}." for note in advice.notes],
     ]
 
 
