@@ -53,7 +53,11 @@ def test_onnx_export_matches_pytorch(cifar_model, tmp_path) -> None:
     assert summed_branches(tmp_path / f"{name}.onnx") == [], "fused, yet parallel conv branches are summed"
 
 
-def test_a_users_own_export_of_the_train_form_shows_its_branches(cifar_model, tmp_path) -> None:
+ONE_PER_FAMILY = list({get_entry(n).family: n for n in reversed(ZOO)}.values())  # the first of each family
+
+
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_a_users_own_export_of_the_train_form_shows_its_branches(name: str, tmp_path) -> None:
     """torch.onnx.export of the model as trained (what a user hands over instead of the checkpoint):
     every RepVGG / QARepVGG block is found as summed branches; the other families (residual shortcuts,
     Ghost modules' concatenations, RepOpt-VGG's plain training form) show none."""
@@ -63,7 +67,8 @@ def test_a_users_own_export_of_the_train_form_shows_its_branches(cifar_model, tm
     from deploykit.models.repvgg import RepVGGBlock
     from deploykit.onnxio import summed_branches
 
-    name, model = cifar_model
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, cifar=True).eval()
     path = tmp_path / "user.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
