@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import DeployError, UsageError
+from deploykit.onnxio import is_onnx_model  # light: onnx itself is imported inside its functions
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +184,6 @@ def plan(request: AdviseRequest) -> tuple[list[Candidate], list[Candidate]]:
     if not todo:
         raise UsageError("nothing to build: no available target builds the precisions asked for")
     return todo, skipped
-
-
-def is_onnx_model(model: str) -> bool:
-    return model.lower().endswith(".onnx")
 
 
 def reference(request: AdviseRequest) -> tuple[Candidate, int]:

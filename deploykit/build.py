@@ -275,7 +275,9 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
     if not backend.can_build(options):
         raise DeployError(backend.missing_reason())
     threads = bound_threads(request.threads or profile.threads or DEFAULT_THREADS)
-    is_onnx = request.model.endswith(".onnx")
+    from deploykit.onnxio import is_onnx_model
+
+    is_onnx = is_onnx_model(request.model)
     if is_onnx and backend.builds_from_module:
         raise DeployError(f"target {backend.name} builds from a PyTorch model, not from an .onnx file")
     out = Path(request.out) if request.out else default_out(request.model, backend.name, precision)

@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 
+def is_onnx_model(model: str) -> bool:
+    """Whether a MODEL argument names an ONNX file (build, advise: the same test)."""
+    return model.endswith(".onnx")
+
+
 def onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Names, shapes (int or symbolic name) and element types of the graph inputs and outputs."""
     import onnx

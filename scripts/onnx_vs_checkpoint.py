@@ -135,9 +135,9 @@ def main() -> int:
     rows = {name: {key(r): r for r in data["candidates"] if not r["anchor"] and r["path"] and not r["error"]}
             for name, data in advice.items()}
     shared = [k for k in rows["file"] if k in rows["checkpoint"]]
-    paths = [Path(rows[name][k]["path"]) for k in shared for name in ("file", "checkpoint")]
-    timed = artifact_latency(paths, threads=2, rounds=args.rounds)
-    latency = {(name, k): t for (k, name), t in zip([(k, n) for k in shared for n in ("file", "checkpoint")], timed)}
+    pairs = [(name, k) for k in shared for name in ("file", "checkpoint")]  # one interleaved run, side by side
+    paths = [Path(rows[name][k]["path"]) for name, k in pairs]
+    latency = dict(zip(pairs, artifact_latency(paths, threads=2, rounds=args.rounds)))
 
     probes = []
     for k in shared:
