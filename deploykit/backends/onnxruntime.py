@@ -52,7 +52,10 @@ OPTIONS = {
 # saturating int16: 255 * 127 * 2 overflows it, so per-channel weights (which use the full int8
 # range in every channel) lose accuracy there, by 3.6 top-1 points on the trained RepVGG-A0 on an
 # AVX2 AMD EPYC (reports/ort-int8-x86-saturation.md). With the setting, ORT converts those weights
-# to u8 and runs u8u8 kernels, which do not saturate; on CPUs with VNNI (and on arm64) it changes nothing.
+# to u8 and runs u8u8 kernels, which do not saturate; on CPUs with VNNI the products are exact either way,
+# and on arm64 the setting is compiled out. ORT applies it where MLAS's u8u8 and u8s8 kernels differ
+# (MlasPlatformU8S8Overflow), which is not the same as "no VNNI": it ran on an AMD EPYC Zen 5 with
+# AVX512-VNNI (2026-12-02), not on an Intel Xeon with AMX.
 X64_QUANT_PRECISION = "session.x64quantprecision"
 
 
@@ -103,7 +106,8 @@ def session(path: Path, *, threads: int, level: str = "all", save_to: Path | Non
 def session_with_fallback(path: Path, *, threads: int, config: dict[str, str] | None = None,
                           level: str = "all") -> tuple[Any, dict[str, str], str | None]:
     """(session, the config it runs with, why a wanted entry was dropped). ORT 1.32's u8s8 -> u8u8
-    transformer, which runs only on x86 CPUs without VNNI, fails on some models ("Attempt to
+    transformer (x86 CPUs where MLAS's u8u8 and u8s8 kernels differ: AVX2 ones, VNNI ones like AMD
+    Zen 5; not the AMX Xeon measured) fails on some models ("Attempt to
     replace the existing tensor": one quantized initializer feeding two inputs of a node, as an
     untrained BatchNormalization whose scale and variance the exporter merged); the model then
     loads without it, as u8s8, and says so."""

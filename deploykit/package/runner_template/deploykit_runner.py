@@ -175,7 +175,7 @@ def load_onnxruntime(path: Path, manifest: dict, threads: int):
     config = manifest["runtime"].get("config", {})  # the settings the build was verified with
     try:
         session = open_session(config)
-    except Exception as err:  # ORT's u8s8 -> u8u8 transformer runs only on x86 without VNNI and fails on some models
+    except Exception as err:  # ORT's u8s8 -> u8u8 transformer (most x86 CPUs) fails on some models
         if not config:
             raise
         print(f"warning: onnxruntime cannot apply {', '.join(config)} here ({(str(err).strip().splitlines() or [type(err).__name__])[0]}); "
