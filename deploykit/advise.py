@@ -358,9 +358,13 @@ def advise(request: AdviseRequest, *, progress: Progress | None = None,
     ordered = sorted(rows, key=lambda r: (r.summary is None, r.summary.median_ms if r.summary else 0.0))
     notes = []
     if is_onnx_model(request.model):
-        from deploykit.build import unfused_branches_note
+        from deploykit.onnxio import summed_branches
 
-        notes = unfused_branches_note(Path(request.model))
+        blocks = summed_branches(Path(request.model))
+        if blocks:
+            notes = [f"{Path(request.model).name} sums parallel convolution branches in {len(blocks)} blocks "
+                     "(RepVGG-style, as trained): the baseline runs the file as given; every build re-parameterized "
+                     "them into one convolution per block first"]
     return Advice(request, accuracy, baseline, ordered + skipped, device_fingerprint(), tool_versions(), notes)
 
 

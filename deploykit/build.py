@@ -51,6 +51,7 @@ class BuildRequest:
     weights: str | None = None  # checkpoint that fills the model (or "pretrained" for timm/torchvision)
     accept_partial: bool = False  # accept a fusion that left BatchNorm / branches unfolded
     int8_fix: str | None = None  # int8: a named fix (deploykit.quant.fixes.INT8_FIXES), no budget needed
+    fuse: bool = True  # .onnx input: re-parameterize its graph (Conv+BN, summed parallel branches) first
 
 
 @dataclass(frozen=True)
@@ -92,30 +93,42 @@ def default_out(model: str, target: str, precision: str) -> Path:
     return Path("build") / f"{_slug(stem)}-{target}-{precision}"
 
 
-def _from_onnx(path: Path, threads: int) -> _Source:
+def _from_onnx(path: Path, threads: int, work: Path, step: Callable[[str], None], fuse: bool = True) -> _Source:
     from deploykit.backends.onnxruntime import OnnxRuntimeRunner
     from deploykit.onnxio import check_image_model
 
     size = check_image_model(path)
+    fusion, built_from = None, path
+    if fuse:
+        from deploykit.fuse.onnx_graph import fuse_onnx_file
+
+        step("re-parameterizing the ONNX graph")
+        report = fuse_onnx_file(path, work / "model-fused.onnx", input_size=size, threads=threads)
+        if report is not None:
+            logger.info("%s", report.summary())
+            fusion, built_from = report.to_dict(), work / "model-fused.onnx"
     return _Source(
-        onnx_path=path, input_size=size,
+        onnx_path=built_from, input_size=size,
         reference=lambda: OnnxRuntimeRunner(path, threads=threads),
         reference_name="onnxruntime fp32 on the original ONNX",
-        model_meta={"name": path.stem, "source": "onnx", "spec": str(path), "form": "deploy", "fusion": None},
+        model_meta={"name": path.stem, "source": "onnx", "spec": str(path),
+                    "form": "deploy" if fusion is None else "train", "fusion": fusion},
         export_meta={"opset": None, "sha256": sha256_file(path), "report": None},
     )
 
 
-def unfused_branches_note(path: Path) -> list[str]:
-    """A warning when an ONNX model still sums parallel conv branches (deploykit fuses only PyTorch models)."""
+def unfused_branches_note(path: Path, fused: bool = True, name: str | None = None) -> list[str]:
+    """A warning when the ONNX a build runs still sums parallel conv branches (RepVGG-style blocks)."""
     from deploykit.onnxio import summed_branches
 
     blocks = summed_branches(path)
     if not blocks:
         return []
-    return [f"{path.name} sums parallel convolution branches in {len(blocks)} blocks (RepVGG-style, not "
-            "re-parameterized): every target runs them as they are; give deploykit the PyTorch model to fuse "
-            "them into one convolution per block"]
+    why = ("deploykit could not re-parameterize them on the ONNX graph (kernels not centre-aligned, or one kernel "
+           "would cost more than the branches); give deploykit the PyTorch model to fuse them" if fused
+           else "built with --no-fuse; without it deploykit re-parameterizes them")
+    return [f"{name or path.name} sums parallel convolution branches in {len(blocks)} blocks (RepVGG-style, not "
+            f"re-parameterized): every target runs them as they are; {why}"]
 
 
 def _from_torch(request: BuildRequest, work: Path, threads: int, step: Callable[[str], None],
@@ -287,8 +300,8 @@ def build(request: BuildRequest, *, progress: Callable[[str], None] | None = Non
     with temp_dir("build") as work:
         if is_onnx:
             step("checking the ONNX model")
-            source = _from_onnx(Path(request.model), threads)
-            warnings.extend(unfused_branches_note(source.onnx_path))
+            source = _from_onnx(Path(request.model), threads, Path(work), step, fuse=request.fuse)
+            warnings.extend(unfused_branches_note(source.onnx_path, fused=request.fuse, name=Path(request.model).name))
         else:
             source = _from_torch(request, Path(work), threads, step, backend.export_batch)
         step("loading calibration data" if precision == "int8" else "loading verification inputs")

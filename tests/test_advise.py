@@ -333,28 +333,6 @@ def test_advise_on_onnx_skips_targets_that_build_from_pytorch(tmp_path: Path) ->
     assert failed.returncode == 1 and "is not a valid ONNX model" in failed.stderr.strip().splitlines()[-1]
 
 
-def test_building_a_multi_branch_onnx_says_to_give_the_pytorch_model(tiny: str, tmp_path: Path) -> None:
-    """A user's torch.onnx.export of a RepVGG as trained: the build warns that its branches stay unfused."""
-    import warnings
-
-    import torch
-
-    from deploykit.loading import load_model
-
-    loaded = load_model(tiny)
-    path = tmp_path / "user.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(loaded.model.eval(), torch.randn(1, 3, 32, 32), str(path), dynamo=False, opset_version=17)
-    built = run_cli("build", str(path), "-t", "onnxruntime", "-p", "fp32", "--verify-samples", "8",
-                    "--out", str(tmp_path / "out"))
-    assert built.returncode == 0, built.stderr
-    blocks = 5  # the tiny RepVGG: a stem and one block per stage
-    note = f"user.onnx sums parallel convolution branches in {blocks} blocks"
-    assert any(w.startswith(note) for w in json.loads((tmp_path / "out" / "build.json").read_text())["warnings"])
-    assert note in " ".join((built.stdout + built.stderr).split())
-
-
 def test_advice_notes_are_printed_and_kept(advised_variants) -> None:
     from deploykit.report import advice as render
 

@@ -75,6 +75,9 @@ def _logs_to(console: Any) -> Iterator[None]:
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (zoo, timm, torchvision).")
 @click.option("--weights", default=None, metavar="FILE|pretrained", help=WEIGHTS_HELP)
 @click.option("--accept-partial", is_flag=True, help=ACCEPT_PARTIAL_HELP)
+@click.option("--no-fuse", is_flag=True,
+              help=".onnx MODEL: build the graph as given (default: fold Conv+BN and merge summed parallel branches "
+                   "first, certified on ONNX Runtime).")
 @click.option("--cifar", is_flag=True, default=None, help="Zoo model in its CIFAR (32x32) form.")
 @click.option("--input-size", type=click.IntRange(8, 4096), default=None,
               help="Input height/width of a zoo MODEL (default: the model's).")
@@ -86,7 +89,7 @@ def _logs_to(console: Any) -> Iterator[None]:
 def build(model: str, target: str, precision: str | None, calib: str | None, calib_recipe: str | None,
           calib_samples: int | None, verify_samples: int, seed: int | None, out: Path | None, threads: int | None,
           options: tuple[str, ...], max_drop: float | None, int8_fix: str | None, num_classes: int | None, cifar: bool | None,
-          input_size: int | None, weights: str | None, accept_partial: bool, emit_only: bool,
+          input_size: int | None, weights: str | None, accept_partial: bool, no_fuse: bool, emit_only: bool,
           advice: Path | None, force: bool) -> None:
     """Build a verified artifact for TARGET from MODEL (zoo name, timm:NAME, torchvision:NAME, file.py:factory,
     checkpoint or .onnx).
@@ -116,7 +119,7 @@ def build(model: str, target: str, precision: str | None, calib: str | None, cal
         model=model, target=target, precision=precision, calib=calib, calib_recipe=calib_recipe,
         calib_samples=calib_samples, out=out, threads=threads, options=parsed, force=force,
         num_classes=num_classes, cifar=cifar, input_size=input_size, verify_samples=verify_samples, seed=seed,
-        max_drop=max_drop, weights=weights, accept_partial=accept_partial, int8_fix=int8_fix,
+        max_drop=max_drop, weights=weights, accept_partial=accept_partial, int8_fix=int8_fix, fuse=not no_fuse,
     )
     console = _stderr_console()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
