@@ -103,7 +103,8 @@ def _from_onnx(path: Path, threads: int, work: Path, step: Callable[[str], None]
         from deploykit.fuse.onnx_graph import fuse_onnx_file
 
         step("re-parameterizing the ONNX graph")
-        report = fuse_onnx_file(path, work / "model-fused.onnx", input_size=size, threads=threads)
+        report = fuse_onnx_file(path, work / "model-fused.onnx", input_size=size,
+                                runner=lambda file: OnnxRuntimeRunner(file, threads=threads))
         if report is not None:
             logger.info("%s", report.summary())
             fusion, built_from = report.to_dict(), work / "model-fused.onnx"

@@ -33,6 +33,13 @@ def op_count(path: Path, op: str) -> int:
     return sum(n.op_type == op for n in onnx.load(str(path)).graph.node)
 
 
+def ort_runner(path: Path):
+    """How a build runs the graphs it certifies: deploykit's ONNX Runtime runner."""
+    from deploykit.backends.onnxruntime import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(path, threads=2)
+
+
 def ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -55,7 +62,7 @@ def test_a_users_export_of_the_train_form_fuses_like_the_module_graph(name: str,
     _randomize_bn(model, 0)
     given = users_export(model, tmp_path / "given.onnx")
     fused = tmp_path / "fused.onnx"
-    report = fuse_onnx_file(given, fused, input_size=32, threads=2)
+    report = fuse_onnx_file(given, fused, input_size=32, runner=ort_runner)
     export_onnx(reparameterize(model, input_shape=(2, 3, 32, 32)).model, tmp_path / "deploykit.onnx", input_size=32)
     if summed_branches(given):
         assert report is not None and report.equivalent and report.branch_sums >= len(summed_branches(given))
@@ -126,7 +133,7 @@ def test_hand_written_graph_fuses_what_is_fusible_and_leaves_the_rest(tmp_path: 
 
     given = hand_graph(tmp_path / "hand.onnx")
     fused = tmp_path / "fused.onnx"
-    report = fuse_onnx_file(given, fused, input_size=16, threads=1)
+    report = fuse_onnx_file(given, fused, input_size=16, runner=ort_runner)
     onnx.checker.check_model(onnx.load(str(fused)))
     assert report.equivalent and report.random_bn.max_rel_error <= 1e-5
     assert report.convs_with_bn == 3  # the stem's, the QARepVGG 3x3's and the BN after its sum
@@ -153,7 +160,7 @@ def test_a_wrong_fold_fails_the_certificate(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(kernels, "affine_scale_shift", lambda mean, *a, **k: real(mean * 0, *a, **k))
     fused = tmp_path / "fused.onnx"
     with pytest.raises(FusionError, match="changed its outputs"):
-        fuse_onnx_file(hand_graph(tmp_path / "hand.onnx"), fused, input_size=16, threads=1)
+        fuse_onnx_file(hand_graph(tmp_path / "hand.onnx"), fused, input_size=16, runner=ort_runner)
     assert not fused.exists()
 
 

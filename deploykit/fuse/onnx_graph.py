@@ -14,13 +14,14 @@ kernel algebra as the module-graph fuser (``deploykit.fuse.kernels``):
   than the branches (a depthwise 3x3 beside a dense 1x1 stays apart);
 - a BatchNormalization after such a sum (QARepVGG's block) folds into the merged Conv.
 
-Nothing else in the graph changes. ``certify`` runs both graphs on ONNX Runtime: on random inputs,
+Nothing else in the graph changes. ``fuse_onnx_file`` runs both graphs (on ONNX Runtime, in a build): on random inputs,
 and again after giving every BatchNormalization random statistics (fused by the same code), since
 the statistics of an untrained export are the identity and would hide a wrong fold.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,16 +296,17 @@ def fuse_onnx(model: Any) -> _Rewrite:
     return _rewrite(model)
 
 
-def fuse_onnx_file(path: Path, out: Path, *, input_size: int, threads: int, tolerance_rel: float | None = None,
-                   seed: int = 0) -> OnnxFusion | None:
+def fuse_onnx_file(path: Path, out: Path, *, input_size: int, runner: Callable[[Path], Callable[[Any], Any]],
+                   tolerance_rel: float | None = None, seed: int = 0) -> OnnxFusion | None:
     """Write the re-parameterized ``path`` to ``out`` and certify it; None (nothing written) when nothing fuses.
 
-    Raises FusionError when the fused graph's outputs differ from the original's beyond ``tolerance_rel``.
+    ``runner(file)`` returns a function from an NCHW float32 batch to the model's first output (the build
+    passes ONNX Runtime). Raises FusionError when the fused graph's outputs differ from the original's
+    beyond ``tolerance_rel``.
     """
     import numpy as np
     import onnx
 
-    from deploykit.backends.onnxruntime import OnnxRuntimeRunner
     from deploykit.fuse import DEFAULT_TOLERANCE_REL
     from deploykit.fuse.certificate import ErrorFigures
 
@@ -329,8 +331,7 @@ def fuse_onnx_file(path: Path, out: Path, *, input_size: int, threads: int, tole
         onnx.save(candidate, str(candidate_path))
         import torch
 
-        reference = OnnxRuntimeRunner(original_path, threads=threads)(x)
-        result = OnnxRuntimeRunner(candidate_path, threads=threads)(x)
+        reference, result = runner(original_path)(x), runner(candidate_path)(x)
         errors[label] = ErrorFigures.between(torch.from_numpy(np.asarray(reference)),
                                              torch.from_numpy(np.asarray(result)))
         if label != "given":
