@@ -119,9 +119,13 @@ def session_with_fallback(path: Path, *, threads: int, config: dict[str, str] | 
             raise
         rest = {k: v for k, v in config.items() if k != X64_QUANT_PRECISION}
         loaded = session(path, threads=threads, level=level, config=rest)
+        from deploykit.precision import cpu_flags, int16_saturates
+
+        saturates = int16_saturates(cpu_flags())
         why = (f"onnxruntime cannot apply {X64_QUANT_PRECISION} to {path.name} ({err}); it runs u8s8 as is, "
-               "whose int16 sums saturate on x86 CPUs without VNNI")
-        logger.warning("%s", why)
+               + ("whose int16 sums saturate on this CPU (no VNNI)" if saturates
+                  else "exact on this CPU (its int8 dot products sum in int32)"))
+        (logger.warning if saturates else logger.info)("%s", why)
         return loaded, rest, why
 
 
