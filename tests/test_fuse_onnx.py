@@ -191,3 +191,23 @@ def test_build_fuses_a_users_export_and_no_fuse_keeps_it(tmp_path: Path) -> None
     assert given_meta["model"]["fusion"] is None and given_meta["model"]["form"] == "deploy"
     note = f"user.onnx sums parallel convolution branches in {blocks} blocks"
     assert any(w.startswith(note) and "--no-fuse" in w for w in given_meta["warnings"])
+
+
+def test_fuse_cli_rewrites_an_onnx_file(tmp_path: Path) -> None:
+    """`deploykit fuse FILE.onnx`: a certified .onnx out (and JSON report); nothing to fuse or a non-.onnx
+    --out is one line and exit 2; a hostile file is one line and exit 1; nothing is left behind."""
+    given = hand_graph(tmp_path / "hand.onnx")
+    done = run_cli("fuse", str(given), "--out", str(tmp_path / "fused.onnx"), "--report", str(tmp_path / "fused.json"))
+    assert done.returncode == 0, done.stderr
+    assert "ONNX graph re-parameterized: 2 sums of parallel branches" in done.stdout
+    assert json.loads((tmp_path / "fused.json").read_text())["certificate"]["equivalent"] is True
+    assert op_count(tmp_path / "fused.onnx", "BatchNormalization") == 0
+    again = run_cli("fuse", str(tmp_path / "fused.onnx"), "--out", str(tmp_path / "twice.onnx"))
+    assert again.returncode == 2 and "has nothing to fuse" in again.stderr.strip().splitlines()[-1]
+    wrong = run_cli("fuse", str(given), "--out", str(tmp_path / "fused.pt"))
+    assert wrong.returncode == 2 and "fused into an .onnx file" in wrong.stderr.strip().splitlines()[-1]
+    hostile = tmp_path / "hostile.onnx"
+    hostile.write_bytes(b"\x08\x07" + bytes(range(256)) * 4)
+    bad = run_cli("fuse", str(hostile), "--out", str(tmp_path / "h.onnx"))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.json", "fused.onnx", "hand.onnx", "hostile.onnx"]

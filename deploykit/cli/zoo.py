@@ -57,7 +57,7 @@ def models(info_name: str | None, input_size: int | None, cifar: bool, num_class
 
 @click.command()
 @click.argument("model")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Fused checkpoint (.pt or .safetensors).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Fused checkpoint (.pt or .safetensors); .onnx for an .onnx MODEL.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the equivalence certificate as JSON.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=None,
               help="Max relative error allowed (default 1e-4; 0 demands bit-exact outputs).")
@@ -66,16 +66,19 @@ def models(info_name: str | None, input_size: int | None, cifar: bool, num_class
 @model_options
 def fuse(model: str, out: Path, report: Path | None, tolerance: float | None, accept_partial: bool, force: bool,
          num_classes, cifar, input_size, weights) -> None:
-    """Re-parameterize MODEL (zoo name, timm:NAME, torchvision:NAME, file.py:factory or checkpoint).
+    """Re-parameterize MODEL (zoo name, timm:NAME, torchvision:NAME, file.py:factory, checkpoint or .onnx).
 
     The fusion is certified: per fused block and end to end, on random inputs with randomized
     BatchNorm statistics and with the real weights. Exit code 3 when it is not equivalent, or
-    when BatchNorm or parallel branches are left unfolded (unless --accept-partial).
+    when BatchNorm or parallel branches are left unfolded (unless --accept-partial). An .onnx
+    MODEL is rewritten on its graph (Conv+BN folds, summed parallel branches merged into one
+    Conv) and certified on ONNX Runtime; --out is then an .onnx file.
 
     \b
     Examples:
       deploykit fuse repvgg_a0 --out repvgg_a0-fused.pt --report fused.json
       deploykit fuse timm:repvgg_a0 --weights repvgg_a0.safetensors --out fused.safetensors
+      deploykit fuse my-export.onnx --out my-export-fused.onnx
     """
     from deploykit.checkpoint import save_checkpoint
     from deploykit.errors import PartialFusionError
@@ -85,6 +88,11 @@ def fuse(model: str, out: Path, report: Path | None, tolerance: float | None, ac
     check_writable(out, force=force)
     if report:
         check_writable(report, force=force)
+    from deploykit.onnxio import is_onnx_model
+
+    if is_onnx_model(model):
+        _fuse_onnx(Path(model), out, report, tolerance, force)
+        return
     loaded = load(model, num_classes, cifar, input_size, weights)
     if loaded.form == "deploy":
         raise click.UsageError(f"{model} is already in deploy form")
@@ -101,6 +109,27 @@ def fuse(model: str, out: Path, report: Path | None, tolerance: float | None, ac
     if report:
         write_json(report, {"model": loaded.name, "certificate": result.certificate.to_dict()}, force=force)
     click.echo(result.certificate.summary())
+    click.echo(f"wrote {out}")
+
+
+def _fuse_onnx(path: Path, out: Path, report: Path | None, tolerance: float | None, force: bool) -> None:
+    from deploykit.backends.onnxruntime import OnnxRuntimeRunner
+    from deploykit.files import atomic_file
+    from deploykit.fuse.onnx_graph import fuse_onnx_file
+    from deploykit.onnxio import check_image_model
+
+    if out.suffix.lower() != ".onnx":
+        raise click.UsageError(f"--out {out}: an .onnx MODEL is fused into an .onnx file")
+    size = check_image_model(path)
+    with atomic_file(out, force=force) as tmp:
+        result = fuse_onnx_file(path, tmp, input_size=size, tolerance_rel=tolerance,
+                                runner=lambda file: OnnxRuntimeRunner(file, threads=2))
+        if result is None:
+            raise click.UsageError(f"{path.name} has nothing to fuse: no Conv+BatchNormalization pair and no "
+                                   "summed parallel convolution branches")
+    if report:
+        write_json(report, {"model": path.name, "certificate": result.to_dict()}, force=force)
+    click.echo(result.summary())
     click.echo(f"wrote {out}")
 
 

@@ -306,7 +306,9 @@ def fuse_onnx_file(path: Path, out: Path, *, input_size: int, runner: Callable[[
     """
     import numpy as np
     import onnx
+    import torch
 
+    from deploykit.files import temp_dir
     from deploykit.fuse import DEFAULT_TOLERANCE_REL
     from deploykit.fuse.certificate import ErrorFigures
 
@@ -318,25 +320,19 @@ def fuse_onnx_file(path: Path, out: Path, *, input_size: int, runner: Callable[[
     fused = fuse_onnx(model)
     if not fused.branch_sums and not fused.convs_with_bn:
         return None
-    randomized = _randomize_bn(model, seed)
     x = np.random.default_rng(seed).standard_normal((2, 3, input_size, input_size)).astype(np.float32)
-    work = out.parent
-    pairs = {"given": (path, fused.model), "random_bn": (randomized, fuse_onnx(randomized).model)}
+    onnx.save(fused.model, str(out))
     errors = {}
-    for label, (original, candidate) in pairs.items():
-        original_path = path if isinstance(original, Path) else work / f"{out.stem}.{label}-original.onnx"
-        candidate_path = out if label == "given" else work / f"{out.stem}.{label}-fused.onnx"
-        if not isinstance(original, Path):
-            onnx.save(original, str(original_path))
-        onnx.save(candidate, str(candidate_path))
-        import torch
-
-        reference, result = runner(original_path)(x), runner(candidate_path)(x)
-        errors[label] = ErrorFigures.between(torch.from_numpy(np.asarray(reference)),
-                                             torch.from_numpy(np.asarray(result)))
-        if label != "given":
-            original_path.unlink(missing_ok=True)
-            candidate_path.unlink(missing_ok=True)
+    with temp_dir("fuse") as scratch:  # the random-BN pair: same structure, statistics of a trained model
+        randomized = _randomize_bn(model, seed)
+        pairs = {"given": (path, out),
+                 "random_bn": (Path(scratch) / "original.onnx", Path(scratch) / "fused.onnx")}
+        onnx.save(randomized, str(pairs["random_bn"][0]))
+        onnx.save(fuse_onnx(randomized).model, str(pairs["random_bn"][1]))
+        for label, (original, candidate) in pairs.items():
+            reference, result = runner(original)(x), runner(candidate)(x)
+            errors[label] = ErrorFigures.between(torch.from_numpy(np.asarray(reference)),
+                                                 torch.from_numpy(np.asarray(result)))
     report = OnnxFusion(
         convs_with_bn=fused.convs_with_bn, branch_sums=fused.branch_sums, nodes_before=len(model.graph.node),
         nodes_after=len(fused.model.graph.node), random_inputs=errors["given"], random_bn=errors["random_bn"],
@@ -345,5 +341,5 @@ def fuse_onnx_file(path: Path, out: Path, *, input_size: int, runner: Callable[[
     if not report.equivalent:
         out.unlink(missing_ok=True)
         raise FusionError(f"{path.name}: re-parameterizing the ONNX graph changed its outputs ({report.summary()}); "
-                          "build it as given with --no-fuse")
+                          "`deploykit build --no-fuse` builds the file as given")
     return report
