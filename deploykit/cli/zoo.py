@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from deploykit.cli.options import ACCEPT_PARTIAL_HELP, load, model_options, write_json
+from deploykit.cli.options import ACCEPT_PARTIAL_HELP, DEFAULT_THREADS, load, model_options, write_json
 
 
 @click.command()
@@ -123,7 +123,7 @@ def _fuse_onnx(path: Path, out: Path, report: Path | None, tolerance: float | No
     size = check_image_model(path)
     with atomic_file(out, force=force) as tmp:
         result = fuse_onnx_file(path, tmp, input_size=size, tolerance_rel=tolerance,
-                                runner=lambda file: OnnxRuntimeRunner(file, threads=2))
+                                runner=lambda file: OnnxRuntimeRunner(file, threads=DEFAULT_THREADS))
         if result is None:
             raise click.UsageError(f"{path.name} has nothing to fuse: no Conv+BatchNormalization pair and no "
                                    "summed parallel convolution branches")

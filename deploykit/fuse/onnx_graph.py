@@ -43,7 +43,6 @@ class _Rewrite:
     model: Any  # onnx.ModelProto
     convs_with_bn: int = 0  # BatchNormalization nodes folded into a Conv
     branch_sums: int = 0  # Add nodes of parallel branches replaced by one Conv
-    removed_nodes: int = 0
     kept_apart: list[str] = field(default_factory=list)  # Add nodes whose branches could merge but would cost more
 
 
@@ -115,8 +114,8 @@ def _constants(graph: Any) -> dict[str, Any]:
     return {name: t for name, t in constants.items() if t.data_location != onnx.TensorProto.EXTERNAL or t.raw_data}
 
 
-def _rewrite(model: Any) -> _Rewrite:
-    """The fused copy of ``model`` (not checked; ``fuse_onnx`` checks)."""
+def fuse_onnx(model: Any) -> _Rewrite:
+    """The re-parameterized copy of an ``onnx.ModelProto`` (unchecked: ``fuse_onnx_file`` certifies)."""
     import numpy as np
     import onnx
     import torch
@@ -131,7 +130,7 @@ def _rewrite(model: Any) -> _Rewrite:
     tensors: dict[str, _Tensor] = {}
     terms: dict[str, kernels.ConvTerm] = {}  # tensor -> the affine map of one source tensor it is
     producer: dict[str, Any] = {}
-    folded_bn, merged = 0, 0
+    merged = 0
     kept_apart: list[str] = []
 
     def tensor(name: str) -> _Tensor:
@@ -231,7 +230,7 @@ def _rewrite(model: Any) -> _Rewrite:
     live = {o.name for o in graph.output}
     kept = []
     for node in reversed(new_nodes):
-        touched = node.output and (node.output[0] in terms or node.output[0] in init and node.op_type != "Conv")
+        touched = node.output and (node.output[0] in terms or node.output[0] in init)  # init: Identity/Constant
         reads_sub = any(attr.HasField("g") or len(attr.graphs) for attr in node.attribute)
         if touched and not reads_sub and not any(o in live for o in node.output):
             continue
@@ -240,7 +239,6 @@ def _rewrite(model: Any) -> _Rewrite:
         if reads_sub:
             live.update(_consumers(onnx.helper.make_graph([node], "sub", [], [])).keys())
     kept.reverse()
-    removed = len(graph.node) - len(kept)
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(extra_init)
@@ -253,7 +251,7 @@ def _rewrite(model: Any) -> _Rewrite:
     produced = {o for n in graph.node for o in n.output}
     for value in [v for v in graph.value_info if v.name not in produced]:
         graph.value_info.remove(value)
-    return _Rewrite(model, folded_bn, merged, removed, kept_apart)
+    return _Rewrite(model, folded_bn, merged, kept_apart)
 
 
 def _sized_identity(term: Any, other: Any) -> Any:
@@ -289,11 +287,6 @@ def _randomize_bn(model: Any, seed: int) -> Any:
             value = (rng.uniform(0.5, 2.0, shape) if i in (0, 3) else rng.normal(0.0, 0.5, shape)).astype(np.float32)
             t.CopyFrom(numpy_helper.from_array(value, name))
     return model
-
-
-def fuse_onnx(model: Any) -> _Rewrite:
-    """The re-parameterized copy of an ``onnx.ModelProto`` (unchecked: ``fuse_onnx_file`` certifies)."""
-    return _rewrite(model)
 
 
 def fuse_onnx_file(path: Path, out: Path, *, input_size: int, runner: Callable[[Path], Callable[[Any], Any]],
