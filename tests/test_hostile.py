@@ -20,9 +20,9 @@ MODEL_COMMANDS = {  # entry point -> how it is called with MODEL and an output u
     "build": lambda m, out: ["build", m, "--target", "onnxruntime", "--out", str(out / "art")],
     "eval": lambda m, out: ["eval", m, "--data", str(out / "no-data")],
     "export": lambda m, out: ["export", m, "--out", str(out / "m.onnx")],
-    "fuse": lambda m, out: ["fuse", m, "--out", str(out / "m.pt")],
+    "fuse": lambda m, out: ["fuse", m, "--out", str(out / ("m.onnx" if m.endswith(".onnx") else "m.pt"))],
 }
-ONNX_COMMANDS = ("build", "eval")  # the entry points that take an .onnx file as MODEL
+ONNX_COMMANDS = ("build", "eval", "fuse")  # the entry points that take an .onnx file as MODEL
 
 
 def one_error(done: subprocess.CompletedProcess, code: int = 1) -> str:
@@ -102,7 +102,7 @@ MODEL_CASES = {  # case -> (file key or MODEL text, expected words, entry points
     "random-bytes-pt": ("random.pt", "is not a torch checkpoint", tuple(MODEL_COMMANDS)),
     "empty-pt": ("empty.pt", "is empty (0 bytes)", tuple(MODEL_COMMANDS)),
     "engine-as-model": ("model.engine", "is a TensorRT engine, not a PyTorch model", tuple(MODEL_COMMANDS)),
-    "onnx-where-pytorch-needed": ("onnx", "is an ONNX model, not a PyTorch model", ("export", "fuse")),
+    "onnx-where-pytorch-needed": ("onnx", "is an ONNX model, not a PyTorch model", ("export",)),
     "metadata-not-json": ("meta-not-json.safetensors", "metadata is not valid JSON", tuple(MODEL_COMMANDS)),
     "metadata-wrong-type": ("meta-wrong-type.safetensors", "names the model as str", tuple(MODEL_COMMANDS)),
     "factory-raises": ("factories.py:raises", "raises() raised ValueError: no weights here", tuple(MODEL_COMMANDS)),
