@@ -253,6 +253,12 @@ class OpenVINOBackend(BackendBase):
         except Exception as err:  # NNCF raises ValidationError, RuntimeError, ... with long texts
             raise DeployError(f"openvino int8 quantization (nncf) failed: {_first_line(err)}") from err
 
+    def runtime_config(self, facts: dict[str, Any]) -> dict[str, str]:
+        # The arithmetic the build verified (bf16/f16 where the CPU has the units; int8 artifacts: their
+        # float parts). A runner that left it out would get OpenVINO's default: bf16 on CPUs with bf16
+        # units even for an fp32 artifact; one that forced f32 would run a bf16 artifact at fp32 speed.
+        return {"INFERENCE_PRECISION_HINT": HINTS[facts.get("inference_precision", "fp32")]}
+
     def load(self, artifact: Artifact, *, threads: int) -> OpenVINORunner:
         backend = artifact.backend
         return OpenVINORunner(artifact.path / backend["model_file"], threads=threads, batch=backend.get("batch"),

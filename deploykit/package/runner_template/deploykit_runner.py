@@ -190,8 +190,10 @@ def load_openvino(path: Path, manifest: dict, threads: int):
         import openvino as ov
     except ImportError as err:
         raise _missing("openvino", err) from err
+    # The build's arithmetic (manifest runtime.config: bf16/f16 where it was verified so; bundles made
+    # before it was recorded: f32). Without units for it, OpenVINO computes in f32: the self-test decides.
     config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_PRECISION_HINT": "f32"}  # the same compute precision as at build time
+              "INFERENCE_PRECISION_HINT": "f32", **manifest["runtime"].get("config", {})}
     request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
 
     def run(x):
